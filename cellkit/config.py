@@ -1,0 +1,90 @@
+"""Project paths, environment overrides and seeding.
+
+Every path the package uses comes from here, never from the working directory, so that a notebook,
+the command line and the tests find the same files wherever they are started from.
+
+Environment variables
+---------------------
+``CELLKIT_DATA_DIR``
+    A folder holding the datasets (``pbc_blood_28/``, ``pbc_blood_jpg/``, ``dsb2018_fluo/``). Searched
+    before the project's own ``data/`` folder. CI points it at a read-only copy of the real data.
+``CELLKIT_CACHE_DIR``
+    Where downloads and derived caches go (default ``data/`` inside the project, or the user cache
+    folder when the package is installed outside a checkout).
+``CELLKIT_FIGURES_DIR``
+    Where notebooks write figures and ``metrics.json`` (default ``figures/`` in the project).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = PACKAGE_DIR.parent
+DEFAULT_SEED = 42
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name, "").strip()
+    return Path(value).expanduser().resolve() if value else None
+
+
+def is_checkout() -> bool:
+    """True when the package runs from a project checkout (editable install), not from site-packages."""
+    return (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "notebooks").is_dir()
+
+
+def project_data_dir() -> Path:
+    """The project's own ``data/`` folder, where ``cellkit data fetch`` builds datasets by default."""
+    override = _env_path("CELLKIT_CACHE_DIR")
+    if override is not None:
+        return override
+    if is_checkout():
+        return PROJECT_ROOT / "data"
+    return Path.home() / ".cache" / "cellkit"
+
+
+def data_search_dirs() -> list[Path]:
+    """Folders searched for a dataset, in order: ``$CELLKIT_DATA_DIR``, then the project's ``data/``."""
+    dirs = []
+    env_dir = _env_path("CELLKIT_DATA_DIR")
+    if env_dir is not None:
+        dirs.append(env_dir)
+    dirs.append(project_data_dir())
+    return dirs
+
+
+def figures_dir(notebook: str | None = None) -> Path:
+    """Where figures go: ``figures/`` or ``figures/<notebook>/`` (e.g. ``figures/01_eda``)."""
+    root = _env_path("CELLKIT_FIGURES_DIR") or PROJECT_ROOT / "figures"
+    return root / notebook if notebook else root
+
+
+def notebooks_dir() -> Path:
+    """The folder of numbered notebooks and ``profiles.yml``."""
+    return PROJECT_ROOT / "notebooks"
+
+
+def models_dir() -> Path:
+    """Where ``cellkit train`` and ``make models`` put trained models by default."""
+    return PROJECT_ROOT / "models"
+
+
+def seed_everything(seed: int = DEFAULT_SEED) -> np.random.Generator:
+    """Seed Python's, NumPy's and (if already imported) Keras' random generators.
+
+    Returns a fresh ``numpy.random.Generator`` seeded with ``seed`` for code that takes one explicitly.
+    Keras is seeded only when it has been imported already, so calling this never pays the import cost
+    of TensorFlow.
+    """
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - seeds code (and libraries) that still use the legacy global state
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    if "keras" in sys.modules:
+        sys.modules["keras"].utils.set_random_seed(seed)
+    return np.random.default_rng(seed)

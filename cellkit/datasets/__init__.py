@@ -1,0 +1,52 @@
+"""Datasets: one registry, loaders that return numpy arrays, seeded splits kept on file, and downloads.
+
+>>> from cellkit import datasets
+>>> train = datasets.load_pbc28("train")            # ImageSet, images (11965, 28, 28, 3) uint8
+>>> cells = datasets.load_pbc_jpg(size=48)           # original JPEGs, centre crop + bicubic resize
+>>> split = datasets.dsb2018_split()                 # {"train": ids, "val": ids, "test": ids}
+>>> nuclei = datasets.load_dsb2018(split["test"])    # SegmentationSet, images + uint16 instance labels
+"""
+
+from cellkit.datasets.containers import ImageSet, SegmentationSet
+from cellkit.datasets.loaders import (
+    centre_crop_resize,
+    load_class_folder,
+    load_dsb2018,
+    load_dsb2018_manifest,
+    load_instance_folder,
+    load_npz,
+    load_pbc28,
+    load_pbc_jpg,
+    read_image,
+    to_grey,
+    to_rgb,
+)
+from cellkit.datasets.registry import REGISTRY, DataError, DatasetInfo, DatasetNotFound, info, locate, require
+from cellkit.datasets.splits import dsb2018_split, saved_split, split_file, stratified_split
+
+__all__ = [
+    "REGISTRY",
+    "DataError",
+    "DatasetInfo",
+    "DatasetNotFound",
+    "ImageSet",
+    "SegmentationSet",
+    "centre_crop_resize",
+    "dsb2018_split",
+    "info",
+    "load_class_folder",
+    "load_dsb2018",
+    "load_dsb2018_manifest",
+    "load_instance_folder",
+    "load_npz",
+    "load_pbc28",
+    "load_pbc_jpg",
+    "locate",
+    "read_image",
+    "require",
+    "saved_split",
+    "split_file",
+    "stratified_split",
+    "to_grey",
+    "to_rgb",
+]

@@ -1,0 +1,63 @@
+"""The command line: help with examples, dataset listing, and one-line errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cellkit import cli
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``cellkit ARGS`` in a fresh interpreter, as a user would."""
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "cellkit.cli", *args], capture_output=True, text=True, timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["data"], ["data", "list"], ["data", "check"], ["data", "fetch"], ["run-notebooks"]]
+)
+def test_every_command_has_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "example" in capsys.readouterr().out
+
+
+def test_data_list_shows_location_licence_and_citation(real_data):
+    result = run_cli("data", "list")
+    assert result.returncode == 0, result.stderr
+    for folder in real_data.values():
+        assert str(folder) in result.stdout
+    assert "CC BY 4.0" in result.stdout and "CC0" in result.stdout
+    assert "doi:10.1016/j.dib.2020.105474" in result.stdout and "doi:10.1038/s41592-019-0612-7" in result.stdout
+
+
+def test_data_list_without_data_says_how_to_fetch(no_real_data):
+    result = run_cli("data", "list")
+    assert result.returncode == 0
+    assert "cellkit data fetch pbc" in result.stdout and "cellkit data fetch dsb2018" in result.stdout
+
+
+def test_data_check_fails_in_one_line_without_data(no_real_data):
+    result = run_cli("data", "check")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "CELLKIT_DATA_DIR" in result.stderr
+
+
+def test_unknown_notebook_is_a_one_line_error():
+    result = run_cli("run-notebooks", "--only", "99")
+    assert result.returncode == cli.EXIT_BAD_INPUT
+    assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_unknown_profile_is_rejected_with_the_choices():
+    result = run_cli("run-notebooks", "--profile", "huge")
+    assert result.returncode == 2 and "smoke" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,228 @@
+"""Loaders on the real files, splits, and one-line errors on bad input that leave the input untouched."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cellkit import datasets
+from cellkit.datasets import DataError
+
+
+def _snapshot(folder) -> dict:
+    """Every file below ``folder`` with its size and modification time, to prove nothing was written."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+# --- the real datasets -----------------------------------------------------------------------------------
+
+
+def test_pbc28_splits_have_the_documented_shapes(real_data):
+    sizes = {}
+    for split in ("train", "val", "test"):
+        data = datasets.load_pbc28(split)
+        assert data.images.dtype == np.uint8 and data.images.shape[1:] == (28, 28, 3)
+        assert data.labels.min() == 0 and data.labels.max() == 7
+        assert data.class_names[0] == "basophil" and data.class_names[7] == "platelet"
+        assert len(data.files) == len(data) and data.files[0].endswith(".jpg")
+        sizes[split] = len(data)
+    assert sizes == {"train": 11965, "val": 1710, "test": 2417}
+
+
+def test_pbc28_is_imbalanced_with_neutrophil_largest(real_data):
+    counts = datasets.load_pbc28("train").class_counts()
+    assert max(counts, key=counts.get) == "neutrophil"
+    assert counts["neutrophil"] > 2 * counts["basophil"]
+
+
+def test_pbc_jpg_centre_crop_resize_at_any_size(real_data):
+    for size in (28, 48, 96):
+        data = datasets.load_pbc_jpg(size=size, per_class=3, seed=1)
+        assert data.images.shape == (24, size, size, 3)
+        assert data.class_counts() == dict.fromkeys(data.class_names, 3)
+    again = datasets.load_pbc_jpg(size=48, per_class=3, seed=1)
+    assert again.files == datasets.load_pbc_jpg(size=48, per_class=3, seed=1).files
+
+
+def test_pbc_jpg_at_28_matches_the_npz_recipe(real_data):
+    """The JPEG loader at 28x28 reproduces the npz's pixels for the same source file (same recipe)."""
+    npz = datasets.load_pbc28("train")
+    jpg = datasets.load_pbc_jpg(size=28, per_class=2, seed=0)
+    position = {name: i for i, name in enumerate(npz.files)}
+    shared = [i for i, name in enumerate(jpg.files) if name in position]
+    assert shared, "no JPEG of the sample is in the npz train split"
+    for i in shared:
+        difference = np.abs(jpg.images[i].astype(int) - npz.images[position[jpg.files[i]]].astype(int))
+        assert difference.mean() < 1.0
+
+
+def test_dsb2018_images_and_instance_labels(real_data):
+    manifest = datasets.load_dsb2018_manifest()
+    ids = manifest["image_id"].tolist()[:6]
+    data = datasets.load_dsb2018(ids)
+    assert data.ids == ids
+    for image, labels, row in zip(data.images, data.labels, manifest.head(6).itertuples(), strict=True):
+        assert image.dtype == np.uint8 and image.shape == (row.height, row.width)
+        assert labels.dtype == np.uint16 and labels.shape == image.shape
+        assert len(np.unique(labels[labels > 0])) == row.n_nuclei
+    assert data.groups == manifest["size_group"].tolist()[:6]
+
+
+def test_dsb2018_split_is_stratified_seeded_and_saved(real_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLKIT_CACHE_DIR", str(tmp_path))
+    split = datasets.dsb2018_split(seed=7)
+    manifest = datasets.load_dsb2018_manifest().set_index("image_id")
+    everything = split["train"] + split["val"] + split["test"]
+    assert len(everything) == len(set(everything)) == len(manifest)
+    assert abs(len(split["test"]) / len(manifest) - 0.2) < 0.02
+    assert abs(len(split["val"]) / len(manifest) - 0.1) < 0.02
+    share_all = manifest["size_group"].value_counts(normalize=True)["256x256"]
+    share_test = Counter(manifest.loc[split["test"], "size_group"])["256x256"] / len(split["test"])
+    assert abs(share_all - share_test) < 0.03
+    saved = pd.read_csv(datasets.split_file("dsb2018", 7))
+    assert len(saved) == len(manifest)
+    assert datasets.dsb2018_split(seed=7) == split
+    assert datasets.dsb2018_split(seed=8) != split
+
+
+def test_stratified_split_pools_groups_too_small_to_stratify():
+    ids = [f"i{k}" for k in range(40)]
+    groups = ["big"] * 37 + ["tiny"] * 2 + ["single"]
+    split = datasets.stratified_split(ids, groups, seed=0)
+    assert sorted(split["train"] + split["val"] + split["test"]) == sorted(ids)
+
+
+# --- any folder of the same shape --------------------------------------------------------------------
+
+
+def _write_class_folder(root, n_per_class=3, size=(20, 24)):
+    rng = np.random.default_rng(0)
+    for name in ("alpha", "beta"):
+        (root / name).mkdir(parents=True)
+        for k in range(n_per_class):
+            pixels = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name}_{k}.png")
+    return root
+
+
+def test_class_folder_loads_classes_from_subfolders(tmp_path):
+    folder = _write_class_folder(tmp_path / "cells")
+    before = _snapshot(folder)
+    data = datasets.load_class_folder(folder, size=16)
+    assert data.class_names == ["alpha", "beta"]
+    assert data.images.shape == (6, 16, 16, 3)
+    assert list(data.labels) == [0, 0, 0, 1, 1, 1]
+    assert _snapshot(folder) == before
+
+
+def test_npz_medmnist_style_and_plain(tmp_path):
+    images = np.zeros((5, 8, 8, 3), np.uint8)
+    labels = np.array([[0], [1], [2], [1], [0]], np.uint8)
+    np.savez(tmp_path / "medmnist.npz", test_images=images, test_labels=labels, train_images=images[:2],
+             train_labels=labels[:2])
+    np.savez(tmp_path / "plain.npz", images=images[..., 0], labels=labels.ravel())
+    medmnist = datasets.load_npz(tmp_path / "medmnist.npz")
+    assert len(medmnist) == 5 and medmnist.class_names == ["class_0", "class_1", "class_2"]
+    assert len(datasets.load_npz(tmp_path / "medmnist.npz", split="train")) == 2
+    plain = datasets.load_npz(tmp_path / "plain.npz", class_names=["a", "b", "c"])
+    assert plain.images.shape == (5, 8, 8) and plain.class_names == ["a", "b", "c"]
+
+
+def test_instance_folder_reads_png_and_tiff_masks(tmp_path):
+    import tifffile
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    labels = np.zeros((10, 12), np.uint16)
+    labels[2:5, 2:5], labels[6:9, 6:10] = 1, 300
+    Image.fromarray(np.full((10, 12), 50, np.uint8)).save(tmp_path / "images" / "a.png")
+    tifffile.imwrite(tmp_path / "masks" / "a.tif", labels)
+    data = datasets.load_instance_folder(tmp_path)
+    assert data.ids == ["a"] and data.labels[0].dtype == np.uint16
+    np.testing.assert_array_equal(data.labels[0], labels)
+
+
+# --- bad input: one line naming the file and the fix, input untouched ---------------------------------
+
+
+def _one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DataError) as error:
+        datasets.load_class_folder(tmp_path / "absent")
+    assert "absent" in _one_line(error) and "subfolder" in _one_line(error)
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(DataError) as error:
+        datasets.load_class_folder(tmp_path)
+    assert "no images" in _one_line(error)
+
+
+def test_corrupt_image_is_named(tmp_path):
+    folder = _write_class_folder(tmp_path / "cells")
+    (folder / "beta" / "broken.png").write_bytes(b"this is not a png")
+    before = _snapshot(folder)
+    with pytest.raises(DataError) as error:
+        datasets.load_class_folder(folder, size=16)
+    assert "broken.png" in _one_line(error) and "not a readable image" in _one_line(error)
+    assert _snapshot(folder) == before
+
+
+def test_mixed_sizes_without_resize(tmp_path):
+    folder = _write_class_folder(tmp_path / "cells")
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(folder / "alpha" / "big.png")
+    with pytest.raises(DataError) as error:
+        datasets.load_class_folder(folder)
+    assert "size=" in _one_line(error)
+
+
+def test_npz_with_wrong_keys_and_dtypes(tmp_path):
+    np.savez(tmp_path / "keys.npz", x=np.zeros((2, 4, 4)))
+    with pytest.raises(DataError) as error:
+        datasets.load_npz(tmp_path / "keys.npz")
+    assert "'test_images'" in _one_line(error)
+    np.savez(tmp_path / "dtype.npz", images=np.zeros((2, 4, 4), np.int32), labels=np.zeros(2, int))
+    with pytest.raises(DataError) as error:
+        datasets.load_npz(tmp_path / "dtype.npz")
+    assert "uint8" in _one_line(error)
+    np.savez(tmp_path / "labels.npz", images=np.zeros((2, 4, 4), np.uint8), labels=np.array([0.5, 1.0]))
+    with pytest.raises(DataError) as error:
+        datasets.load_npz(tmp_path / "labels.npz")
+    assert "integer" in _one_line(error)
+
+
+def test_mismatched_image_and_label_sizes(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(np.zeros((12, 10), np.uint16)).save(tmp_path / "labels" / "a.png")
+    before = _snapshot(tmp_path)
+    with pytest.raises(DataError) as error:
+        datasets.load_instance_folder(tmp_path)
+    assert "a.png" in _one_line(error) and "must match" in _one_line(error)
+    assert _snapshot(tmp_path) == before
+
+
+def test_labels_that_are_not_instance_masks(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "labels" / "a.png")
+    with pytest.raises(DataError) as error:
+        datasets.load_instance_folder(tmp_path)
+    assert "single-channel" in _one_line(error)
+
+
+def test_missing_registered_dataset_says_how_to_get_it(no_real_data):
+    with pytest.raises(datasets.DatasetNotFound) as error:
+        datasets.load_pbc28("train")
+    assert "cellkit data fetch pbc" in _one_line(error)
