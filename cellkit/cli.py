@@ -100,6 +100,16 @@ def _run_notebooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from cellkit import notebooks
+
+    if args.write:
+        print(f"wrote the results table into {notebooks.write_results_table()}")
+    else:
+        print(notebooks.results_table())
+    return 0
+
+
 # --- the parser --------------------------------------------------------------------------------------
 
 
@@ -143,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", nargs="+", metavar="NN", help="notebook numbers or stems to run (default: all)")
     run.add_argument("--cell-timeout", type=int, default=None, help="seconds one cell may take (default: no limit)")
     run.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
+    report = _add_command(commands, "report", _report,
+                          "the README results table from figures/*/metrics.json and notebooks/results.yml",
+                          "cellkit report --write")
+    report.add_argument("--write", action="store_true", help="replace the table in README.md (default: print it)")
     return parser
 
 

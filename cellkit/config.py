@@ -11,6 +11,9 @@ Environment variables
 ``CELLKIT_CACHE_DIR``
     Where downloads and derived caches go (default ``data/`` inside the project, or the user cache
     folder when the package is installed outside a checkout).
+``CELLKIT_DOWNLOAD_MIRROR``
+    A base URL serving the same archive names as the public sources; ``cellkit data fetch`` then downloads
+    from it (an institutional mirror, or a local server in the tests).
 ``CELLKIT_FIGURES_DIR``
     Where notebooks write figures and ``metrics.json`` (default ``figures/`` in the project).
 """

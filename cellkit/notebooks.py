@@ -326,6 +326,52 @@ def strip_outputs(path: Path) -> bool:
     return changed
 
 
+# --- the README results table ----------------------------------------------------------------------
+
+RESULTS_BEGIN = "<!-- results-table:begin -->"
+RESULTS_END = "<!-- results-table:end -->"
+
+
+def read_metrics(notebook: str) -> dict[str, Any] | None:
+    """The ``metrics.json`` a notebook last wrote, or None if it has not run."""
+    path = config.figures_dir(notebook) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def results_table() -> str:
+    """The README results table (Markdown) from ``notebooks/results.yml`` and the recorded metrics."""
+    rows = yaml.safe_load((config.notebooks_dir() / "results.yml").read_text()) or []
+    lines = [
+        "| notebook | quantity | this repository | profile, data | source report |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        record = read_metrics(row["notebook"])
+        value = record["headline"].get(row["headline"]) if record else None
+        if value is None:
+            measured, provenance = "not run yet", "-"
+        else:
+            measured = f"{value:.4g}" if isinstance(value, float) else str(value)
+            data = "SYNTHETIC" if record["synthetic_data"] else ", ".join(
+                sorted({d["name"] for d in record["datasets"].values()})
+            )
+            provenance = f"{record['profile']}, {data}, commit {record['git_commit']}"
+        lines.append(f"| {row['notebook']} | {row['quantity']} | {measured} | {provenance} | {row['source']} |")
+    return "\n".join(lines)
+
+
+def write_results_table(readme: Path | None = None) -> Path:
+    """Replace the table between the results-table markers of README.md with :func:`results_table`."""
+    readme = readme or config.PROJECT_ROOT / "README.md"
+    text = readme.read_text()
+    begin, end = text.find(RESULTS_BEGIN), text.find(RESULTS_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"{readme}: no {RESULTS_BEGIN} ... {RESULTS_END} markers to write the table between")
+    updated = text[: begin + len(RESULTS_BEGIN)] + "\n" + results_table() + "\n" + text[end:]
+    readme.write_text(updated)
+    return readme
+
+
 if __name__ == "__main__":  # python -m cellkit.notebooks strip notebooks/*.ipynb
     if len(sys.argv) < 3 or sys.argv[1] != "strip":
         sys.exit("usage: python -m cellkit.notebooks strip NOTEBOOK.ipynb ...")

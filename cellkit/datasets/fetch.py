@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import uuid
 import zipfile
@@ -150,7 +151,7 @@ def download(
     known_hash = (hashes or {}).get(filename, source.known_hash)
     target = Path(downloads_dir) / filename
     fresh = not target.is_file()
-    by_hand = f"or download {source.url} by hand and save it as {target}"
+    by_hand = f"or download {source.url} by hand and save it as {target.resolve()}"
     try:
         pooch.retrieve(
             url,
@@ -161,11 +162,11 @@ def download(
         )
     except ValueError as exc:  # pooch's checksum mismatch; it has already deleted the bad file
         raise DataError(
-            f"{filename} from {url} failed its checksum ({_first_line(exc)}); try again later {by_hand}"
+            f"{filename} from {url} failed its checksum ({_hash_reason(exc)}); try again later {by_hand}"
         ) from None
     except OSError as exc:  # requests' connection and HTTP errors are OSErrors too
         raise DataError(
-            f"download of {filename} from {url} failed ({_first_line(exc)}); check your internet "
+            f"download of {filename} from {url} failed ({_http_reason(exc)}); check your internet "
             f"connection {by_hand}"
         ) from None
     if fresh and known_hash is None:
@@ -177,6 +178,20 @@ def archive_url(filename: str, mirror: str | None = None) -> str:
     """The URL of archive ``filename``: on the mirror (argument, then environment), else the original."""
     mirror = mirror or os.environ.get(MIRROR_ENV, "").strip() or None
     return f"{mirror.rstrip('/')}/{filename}" if mirror else SOURCES[filename].url
+
+
+def _hash_reason(exc: ValueError) -> str:
+    """``expected <hash>, got <hash>`` from pooch's (long) checksum message."""
+    found = re.search(r"expected (\S+) but got (\w+)", str(exc))
+    return f"expected {found[1]}, got {found[2]}" if found else _first_line(exc)
+
+
+def _http_reason(exc: OSError) -> str:
+    """A short reason for a failed request: ``HTTP 404`` or the error's type (requests' texts run long)."""
+    response = getattr(exc, "response", None)
+    if response is not None:
+        return f"HTTP {response.status_code} {response.reason}".strip()
+    return type(exc).__name__ if len(str(exc)) > 80 else _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -212,7 +227,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
 @contextmanager
 def open_archive(path: Path) -> Iterator[zipfile.ZipFile]:
     """Open zip ``path`` to read; a corrupt archive (on open or on reading) becomes a one-line DataError."""
-    path = Path(path)
+    path = Path(path).resolve()
     try:
         with zipfile.ZipFile(path) as zf:
             yield zf
