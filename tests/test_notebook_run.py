@@ -88,3 +88,24 @@ def test_strip_outputs_removes_outputs(tmp_path):
     stripped = nbformat.read(path, as_version=4).cells[0]
     assert stripped.outputs == [] and stripped.execution_count is None
     assert notebooks.strip_outputs(path) is False
+
+
+def test_results_table_reads_recorded_headlines(figures):
+    run = notebooks.NotebookRun("01_eda", profile="smoke")
+    run.datasets["pbc28:train"] = {"name": "pbc28", "synthetic": False, "path": "x", "n": 3}
+    run.finish(metrics={}, headline={"pbc_n_train": 11965, "dsb_median_nuclei_per_image": 21.5})
+    table = notebooks.results_table()
+    assert "| 01_eda | PBC-28 training images | 11965 | smoke, pbc28, commit" in table
+    assert "| 21.5 |" in table
+
+
+def test_write_results_table_replaces_only_the_marked_part(figures, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{notebooks.RESULTS_BEGIN}\nold table\n{notebooks.RESULTS_END}\noutro\n")
+    notebooks.write_results_table(readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
+    assert "| notebook | quantity |" in text
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        notebooks.write_results_table(readme)
