@@ -1,0 +1,315 @@
+"""Tests of cellkit.metrics on hand-made label images whose answers are known, and on one real DSB label file."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.segmentation import find_boundaries
+from sklearn import metrics as skm
+
+from cellkit import metrics
+
+SHAPE = (40, 60)
+DSB_ID = "212b858a66f0d23768b8e3e1357704fc2f4cf4bbe7eed8cd59b5d01031d553e6"  # 520x696, 100 nuclei
+
+
+def boxes(*rects: tuple[int, int, int, int], shape: tuple[int, int] = SHAPE) -> np.ndarray:
+    """Label image with object i + 1 filling rows r0:r1, columns c0:c1 of rects[i] = (r0, r1, c0, c1)."""
+    labels = np.zeros(shape, dtype=np.uint16)
+    for i, (r0, r1, c0, c1) in enumerate(rects):
+        labels[r0:r1, c0:c1] = i + 1
+    return labels
+
+
+def three_nuclei() -> np.ndarray:
+    return boxes((2, 12, 2, 12), (2, 12, 20, 30), (20, 35, 40, 55))
+
+
+# ---------------------------------------------------------------- perfect and empty predictions
+
+
+def test_perfect_prediction_scores_one_everywhere():
+    gt = three_nuclei()
+    assert all(metrics.pixel_metrics(gt, gt)[k] == 1.0 for k in ("accuracy", "precision", "recall", "dice", "iou"))
+    obj = metrics.object_metrics(gt, gt)
+    assert (obj["precision"], obj["recall"], obj["dice"], obj["iou"]) == (1.0, 1.0, 1.0, 1.0)
+    assert metrics.seg_score(gt, gt) == 1.0
+    match = metrics.match_instances(gt, gt, thresh=0.9)
+    assert (match["tp"], match["fp"], match["fn"]) == (3, 0, 0)
+    assert all(match[k] == 1.0 for k in ("precision", "recall", "f1", "ap", "pq", "mean_iou"))
+    sweep = metrics.match_dataset([gt, gt], [gt, gt])
+    assert all(row["ap"] == 1.0 and row["tp"] == 6 for row in sweep["table"])
+
+
+def test_empty_prediction_scores_zero():
+    gt, empty = three_nuclei(), np.zeros(SHAPE, dtype=np.uint16)
+    pixel = metrics.pixel_metrics(empty, gt)
+    assert (pixel["precision"], pixel["recall"], pixel["dice"], pixel["iou"]) == (0.0, 0.0, 0.0, 0.0)
+    assert pixel["accuracy"] == 1 - np.count_nonzero(gt) / gt.size
+    obj = metrics.object_metrics(empty, gt)
+    assert (obj["tp"], obj["fp"], obj["fn"], obj["recall"]) == (0, 0, 3, 0.0)
+    assert metrics.seg_score(empty, gt) == 0.0
+    match = metrics.match_instances(empty, gt)
+    assert (match["tp"], match["fn"], match["ap"], match["pq"]) == (0, 3, 0.0, 0.0)
+
+
+def test_both_empty_is_perfect_but_seg_is_undefined():
+    empty = np.zeros(SHAPE, dtype=np.int32)
+    assert metrics.pixel_metrics(empty, empty)["dice"] == 1.0
+    assert metrics.pixel_metrics(empty, empty)["iou"] == 1.0
+    assert metrics.object_metrics(empty, empty)["dice"] == 1.0
+    assert metrics.match_instances(empty, empty)["ap"] == 1.0
+    assert math.isnan(metrics.seg_score(empty, empty))
+    # a prediction where there is nothing to find: no hit, so precision is 0
+    assert metrics.match_instances(three_nuclei(), empty)["precision"] == 0.0
+
+
+# ---------------------------------------------------------------- known IoU, SEG's strict half rule
+
+
+def test_shifted_square_has_iou_one_third():
+    gt = boxes((0, 10, 0, 10))
+    pred = boxes((0, 10, 5, 15))  # overlaps 10x5 = 50 px, union 150 px
+    assert metrics.pixel_metrics(pred, gt)["iou"] == pytest.approx(1 / 3)
+    assert metrics.pixel_metrics(pred, gt)["dice"] == pytest.approx(0.5)
+    assert metrics.match_instances(pred, gt, thresh=0.3)["mean_iou"] == pytest.approx(1 / 3)
+    assert metrics.match_instances(pred, gt, thresh=0.3)["tp"] == 1
+    assert metrics.match_instances(pred, gt, thresh=0.34)["tp"] == 0
+
+
+def test_seg_needs_strictly_more_than_half_of_the_reference():
+    gt = boxes((0, 10, 0, 10))  # |R| = 100
+    half = boxes((0, 10, 5, 15))  # covers exactly 50 pixels of R
+    assert metrics.seg_score(half, gt) == 0.0
+    one_more = half.copy()
+    one_more[0, 4] = 1  # 51 pixels of R; |S| = 101, |R u S| = 150
+    assert metrics.seg_score(one_more, gt) == pytest.approx(51 / 150)
+
+
+# ---------------------------------------------------------------- merges and splits
+
+
+def test_merged_prediction_covering_two_nuclei():
+    gt = boxes((0, 10, 0, 10), (0, 10, 11, 21))  # two 100-px nuclei one column apart
+    merged = boxes((0, 10, 0, 21))  # one 210-px segment over both
+    # SEG: both references are more than half covered by the same segment, J = 100 / 210 each
+    assert metrics.seg_score(merged, gt) == pytest.approx(100 / 210)
+    # matching is one-to-one: at most one true positive
+    match = metrics.match_instances(merged, gt, thresh=0.3)
+    assert (match["tp"], match["fp"], match["fn"]) == (1, 0, 1)
+    assert metrics.match_instances(merged, gt, thresh=0.5)["tp"] == 0
+    # report 003's object counts: one predicted object touching ground truth, no object missed
+    obj = metrics.object_metrics(merged, gt)
+    assert (obj["tp"], obj["fp"], obj["fn"], obj["gt_detected"]) == (1, 0, 0, 2)
+
+
+def test_split_prediction():
+    gt = boxes((0, 10, 0, 20))  # one 200-px nucleus
+    split = boxes((0, 10, 0, 11), (0, 10, 11, 20))  # 110 px and 90 px, touching
+    assert metrics.seg_score(split, gt) == pytest.approx(110 / 200)
+    match = metrics.match_instances(split, gt, thresh=0.5)
+    assert (match["tp"], match["fp"], match["fn"], match["precision"], match["ap"]) == (1, 1, 0, 0.5, 0.5)
+    even = boxes((0, 10, 0, 10), (0, 10, 10, 20))  # halves: neither covers more than half
+    assert metrics.seg_score(even, gt) == 0.0
+    # connected components join the touching halves again; as label images they stay two objects
+    assert metrics.object_metrics(split, gt)["n_pred"] == 1
+    labelled = metrics.object_metrics(split, gt, components=False)
+    assert (labelled["tp"], labelled["fp"], labelled["fn"], labelled["n_pred"]) == (2, 0, 0, 2)
+
+
+def test_object_metrics_follow_report_003():
+    gt = boxes((0, 10, 0, 10), (20, 30, 0, 10), (20, 30, 30, 40))
+    pred = boxes((2, 8, 5, 15), (0, 5, 40, 50), (22, 28, 32, 38))  # hit, false positive, hit; one nucleus missed
+    obj = metrics.object_metrics(pred, gt)
+    assert (obj["tp"], obj["fp"], obj["fn"]) == (2, 1, 1)
+    assert obj["precision"] == pytest.approx(2 / 3)
+    assert obj["recall"] == pytest.approx(2 / 3)
+    assert obj["dice"] == pytest.approx(4 / 6)
+    assert obj["iou"] == pytest.approx(2 / 4)
+    # binary masks (bool, or float 0/1) are accepted and give the same counts
+    assert metrics.object_metrics(pred > 0, (gt > 0).astype(float)) == obj
+
+
+def test_connectivity_decides_whether_diagonal_pixels_join():
+    gt = np.zeros((4, 4), dtype=np.uint8)
+    gt[0, 0] = gt[1, 1] = 1
+    assert metrics.object_metrics(gt, gt)["n_gt"] == 1
+    assert metrics.object_metrics(gt, gt, connectivity=1)["n_gt"] == 2
+
+
+# ---------------------------------------------------------------- matching: optimal assignment, sweep, PQ
+
+
+def test_matching_maximises_the_number_of_matches_below_half():
+    a_b = np.zeros((1, 20), dtype=np.int32)
+    a_b[0, :10], a_b[0, 10:] = 1, 2  # A = [0, 10), B = [10, 20)
+    x_y = np.zeros((1, 20), dtype=np.int32)
+    x_y[0, 4:14], x_y[0, :4] = 1, 2  # X: IoU 6/14 with A, 4/16 with B; Y: IoU 4/10 with A
+    # greedy by IoU would pair X with A and leave two objects unmatched; the optimum pairs X-B and Y-A
+    match = metrics.match_instances(x_y, a_b, thresh=0.25)
+    assert (match["tp"], match["fp"], match["fn"]) == (2, 0, 0)
+    assert match["sum_iou"] == pytest.approx(0.25 + 0.4)
+
+
+def test_panoptic_quality_on_a_known_case():
+    gt = boxes((0, 10, 0, 10), (20, 30, 20, 30))
+    pred = boxes((0, 10, 0, 8), (0, 10, 40, 50))  # IoU 0.8 with the first nucleus; one FP, one FN
+    match = metrics.match_instances(pred, gt, thresh=0.5)
+    assert (match["tp"], match["fp"], match["fn"]) == (1, 1, 1)
+    assert match["pq"] == pytest.approx(0.8 / (1 + 0.5 + 0.5))
+    assert match["pq"] == pytest.approx(match["mean_iou"] * match["f1"])
+    assert match["ap"] == pytest.approx(1 / 3)
+
+
+def eroded(labels: np.ndarray) -> np.ndarray:
+    """Every object shrunk by its one-pixel inner boundary."""
+    out = labels.copy()
+    out[find_boundaries(labels, mode="inner")] = 0
+    return out
+
+
+def test_iou_sweep_never_gains_true_positives():
+    gt = boxes((2, 12, 2, 12), (2, 14, 20, 32), (20, 34, 2, 16), (20, 36, 30, 46))
+    pred = eroded(gt)  # IoUs 64/100, 100/144, 144/196, 196/256
+    sweep = metrics.match_dataset([pred, gt], [gt, gt])
+    tps = [row["tp"] for row in sweep["table"]]
+    assert [row["thresh"] for row in sweep["table"]] == list(metrics.IOU_THRESHOLDS)
+    assert all(a >= b for a, b in zip(tps, tps[1:], strict=False))
+    assert tps[0] == 8 and tps[-1] == 4
+    assert sweep["by_threshold"][0.7]["tp"] == 4 + 2
+
+
+# ---------------------------------------------------------------- pooling over a data set
+
+
+def test_pooled_seg_is_the_mean_over_all_reference_objects():
+    one = boxes((0, 10, 0, 10))
+    three = boxes((0, 10, 0, 10), (20, 30, 0, 10), (20, 30, 30, 40))
+    result = metrics.seg_dataset([one, np.zeros(SHAPE, dtype=np.uint16)], [one, three])
+    assert result["per_image"] == [1.0, 0.0]
+    assert result["n_reference"] == 4 and result["n_reference_per_image"] == [1, 3]
+    assert result["seg"] == pytest.approx(1 / 4)  # not the mean of the per-image values, 1/2
+    match = metrics.match_dataset([one, np.zeros(SHAPE, dtype=np.uint16)], [one, three], thresholds=(0.5,))
+    assert match["by_threshold"][0.5]["recall"] == pytest.approx(1 / 4)
+
+
+def test_pooled_pixel_metrics_sum_counts_first():
+    small, big = boxes((0, 2, 0, 2)), boxes((0, 10, 0, 10))
+    pooled = metrics.pixel_metrics_dataset([small, np.zeros(SHAPE, dtype=np.uint16)], [small, big])
+    assert pooled["dice"] == pytest.approx(2 * 4 / (2 * 4 + 100))  # mean of per-image Dice would be 0.5
+    assert (pooled["tp"], pooled["fn"]) == (4, 100)
+
+
+# ---------------------------------------------------------------- label ids need not be consecutive
+
+
+@pytest.mark.parametrize("dtype, ids", [(np.uint16, [65000, 7, 300]), (np.int64, [10**12, 3, 2**40])])
+def test_non_consecutive_permuted_ids_give_the_same_result(dtype, ids):
+    gt = three_nuclei()
+    pred = boxes((3, 12, 2, 12), (2, 12, 22, 30), (0, 5, 40, 50))
+    renamed = np.zeros(SHAPE, dtype=dtype)
+    for old, new in enumerate(ids, start=1):
+        renamed[pred == old] = new
+    assert metrics.seg_score(renamed, gt) == metrics.seg_score(pred, gt)
+    assert metrics.match_instances(renamed, gt, 0.5) == pytest.approx(metrics.match_instances(pred, gt, 0.5))
+    assert metrics.object_metrics(renamed, gt, components=False) == metrics.object_metrics(pred, gt, components=False)
+    assert metrics.seg_score(gt, renamed) == metrics.seg_score(gt, pred)
+
+
+# ---------------------------------------------------------------- input validation
+
+
+def test_bad_inputs_raise_one_line_value_errors():
+    gt = three_nuclei()
+    cases = [
+        (metrics.seg_score, gt[:, :-1], gt, "shapes differ"),
+        (metrics.seg_score, gt.astype(float), gt, "integer label image"),
+        (metrics.match_instances, gt > 0, gt, "integer label image"),
+        (metrics.seg_score, gt.astype(np.int32) - 1, gt, "negative"),
+        (metrics.pixel_metrics, gt / gt.max(), gt, "threshold it first"),
+        (metrics.object_metrics, np.full(SHAPE, 0.7), gt, "threshold it first"),
+    ]
+    for fn, pred, truth, message in cases:
+        with pytest.raises(ValueError, match=message) as info:
+            fn(pred, truth)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="image 1: pred and gt shapes differ"):
+        metrics.seg_dataset([gt, gt], [gt, gt[:-1]])
+    with pytest.raises(ValueError, match="differ in length"):
+        metrics.match_dataset([gt], [gt, gt])
+    with pytest.raises(ValueError, match="components=False"):
+        metrics.object_metrics(gt > 0, gt, components=False)
+
+
+# ---------------------------------------------------------------- classification
+
+
+Y_TRUE = [0, 0, 0, 1, 1, 2, 2, 2, 2, 1]
+Y_PRED = [0, 1, 0, 1, 2, 2, 2, 0, 2, 1]
+NAMES = ["neutrophil", "eosinophil", "basophil"]
+
+
+def test_classification_report_agrees_with_sklearn():
+    report = metrics.classification_report(Y_TRUE, Y_PRED, NAMES)
+    assert report["n"] == 10
+    assert report["accuracy"] == pytest.approx(skm.accuracy_score(Y_TRUE, Y_PRED))
+    assert report["macro_f1"] == pytest.approx(skm.f1_score(Y_TRUE, Y_PRED, average="macro"))
+    assert report["weighted_f1"] == pytest.approx(skm.f1_score(Y_TRUE, Y_PRED, average="weighted"))
+    assert report["confusion_matrix"] == [[2, 1, 0], [0, 2, 1], [1, 0, 3]]
+    f1 = skm.f1_score(Y_TRUE, Y_PRED, average=None)
+    for name, expected in zip(NAMES, f1, strict=True):
+        assert report["per_class"][name]["f1"] == pytest.approx(expected)
+    assert [report["per_class"][n]["support"] for n in NAMES] == [3, 3, 4]
+    json.dumps(report)  # plain Python types only
+    table = metrics.per_class_table(report)
+    assert list(table.index) == NAMES and table.loc["basophil", "recall"] == pytest.approx(3 / 4)
+    # the same report from class names instead of indices
+    by_name = metrics.classification_report([NAMES[i] for i in Y_TRUE], [NAMES[i] for i in Y_PRED], NAMES)
+    assert by_name == report
+
+
+def test_auc_matches_sklearn_and_skips_a_missing_class():
+    rng = np.random.default_rng(0)
+    score = rng.dirichlet(np.ones(3), size=len(Y_TRUE))
+    full = metrics.classification_report(Y_TRUE, Y_PRED, NAMES, y_score=score)
+    assert full["auc_ovr"] == pytest.approx(skm.roc_auc_score(Y_TRUE, score, multi_class="ovr", average="macro"))
+    assert full["auc_skipped"] == [] and "auc_note" not in full
+
+    y_true = [0, 0, 1, 1, 0, 1]  # no basophil in the truth
+    y_pred = [0, 2, 1, 1, 0, 0]
+    score = rng.dirichlet(np.ones(3), size=len(y_true))
+    report = metrics.classification_report(y_true, y_pred, NAMES, y_score=score)
+    assert report["auc_skipped"] == ["basophil"] and "basophil" in report["auc_note"]
+    assert report["per_class"]["basophil"]["auc"] is None
+    per_class = [skm.roc_auc_score(np.equal(y_true, c), score[:, c]) for c in (0, 1)]
+    assert report["auc_ovr"] == pytest.approx(np.mean(per_class))
+    json.dumps(report)
+
+
+def test_classification_report_rejects_unknown_classes():
+    with pytest.raises(ValueError, match="outside 0..2"):
+        metrics.classification_report([0, 3], [0, 1], NAMES)
+    with pytest.raises(ValueError, match="not in class_names"):
+        metrics.classification_report(["neutrophil", "monocyte"], ["neutrophil", "neutrophil"], NAMES)
+    with pytest.raises(ValueError, match="y_score must have shape"):
+        metrics.classification_report(Y_TRUE, Y_PRED, NAMES, y_score=np.ones((10, 2)))
+
+
+# ---------------------------------------------------------------- real data
+
+
+def test_real_dsb_labels(real_data):
+    gt = np.asarray(Image.open(real_data["dsb2018"] / "labels" / f"{DSB_ID}.png"))
+    assert gt.dtype == np.uint16 and gt.shape == (520, 696)
+    assert metrics.seg_score(gt, gt) == 1.0
+    assert metrics.match_instances(gt, gt, thresh=0.9)["ap"] == 1.0
+    assert metrics.pixel_metrics(gt, gt)["dice"] == 1.0
+    shrunk = eroded(gt)
+    seg = metrics.seg_dataset([shrunk], [gt])
+    assert 0.6 < seg["seg"] < 0.95
+    assert seg["n_reference"] == len(np.unique(gt)) - 1
+    json.dumps(metrics.match_dataset([shrunk], [gt]))
