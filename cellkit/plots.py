@@ -67,3 +67,278 @@ def overlay_instances(image: np.ndarray, labels: np.ndarray, alpha: float = 0.35
     rgb = label2rgb(labels, image=grey, alpha=alpha, bg_label=0, image_alpha=1.0)
     rgb[find_boundaries(labels, mode="inner")] = (1.0, 1.0, 0.0)
     return rgb
+
+
+# --- EDA plots (01_eda): counts, class montages, feature distributions, histograms ----------------------
+
+
+def grouped_bars(
+    table, title: str = "", xlabel: str = "", ylabel: str = "count", log: bool = False, annotate: bool = True
+) -> plt.Figure:
+    """Bars of a table of counts: one cluster per row (e.g. class), one bar per column (e.g. split).
+
+    ``table`` is a pandas DataFrame whose index names the clusters and whose columns the bars; with
+    ``annotate`` every bar is labelled with its value.
+    """
+    n_rows, n_cols = table.shape
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * n_rows * max(1, n_cols) ** 0.5 + 2), 4))
+    width = 0.8 / n_cols
+    x = np.arange(n_rows)
+    for j, column in enumerate(table.columns):
+        bars = ax.bar(x + (j - (n_cols - 1) / 2) * width, table[column].to_numpy(), width, label=str(column))
+        if annotate:
+            ax.bar_label(bars, fontsize=7, padding=1)
+    tilt = n_rows > 5
+    ax.set_xticks(x, [str(i) for i in table.index], rotation=30 if tilt else 0, ha="right" if tilt else "center")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if log:
+        ax.set_yscale("log")
+    if n_cols > 1:
+        ax.legend(title=table.columns.name, fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def class_montage(
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    per_class: int = 8,
+    title: str = "",
+    cell_inches: float = 0.9,
+) -> plt.Figure:
+    """A grid with one row per class (named on the left) and up to ``per_class`` of its images.
+
+    ``images`` is (n, h, w[, 3]); ``labels`` (n,) class ids. The first ``per_class`` images of each class
+    are shown, in the order given; a class with fewer leaves its row partly empty.
+    """
+    labels = np.asarray(labels)
+    n_classes = len(class_names)
+    fig, axes = plt.subplots(
+        n_classes, per_class, figsize=(per_class * cell_inches + 1.2, n_classes * cell_inches + 0.4), squeeze=False
+    )
+    for row, name in enumerate(class_names):
+        members = np.flatnonzero(labels == row)[:per_class]
+        for col, ax in enumerate(axes[row]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.spines[:].set_visible(False)
+            if col < len(members):
+                image = images[members[col]]
+                ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        axes[row, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.tight_layout(pad=0.3, h_pad=0.2, w_pad=0.2)
+    if title:
+        top = 1 - 0.35 / fig.get_figheight()
+        fig.subplots_adjust(top=top)
+        fig.suptitle(title, fontsize=10, y=1 - 0.08 / fig.get_figheight(), va="top")
+    return fig
+
+
+def feature_boxplots(table, columns: Sequence[str], by: str, ncols: int = 3, order: Sequence[str] | None = None,
+                     ylabel: str = "grey level (0-255)", title: str = "") -> plt.Figure:
+    """One box plot per feature column of ``table`` (a DataFrame), boxes grouped by column ``by``."""
+    import seaborn as sns
+
+    nrows = int(np.ceil(len(columns) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, column in zip(axes.flat, columns, strict=False):
+        sns.boxplot(data=table, x=by, y=column, hue=by, order=order, hue_order=order, ax=ax, fliersize=1,
+                    linewidth=0.8, palette="tab10", legend=False)
+        ax.set(title=column, xlabel="", ylabel=ylabel)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    for ax in axes.flat[len(columns):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def pair_plot(table, columns: Sequence[str], hue: str, title: str = "", hue_order: Sequence[str] | None = None,
+              height: float = 1.6) -> plt.Figure:
+    """A seaborn pair plot of ``columns`` of ``table`` coloured by ``hue``: scatter below, density diagonal."""
+    import seaborn as sns
+
+    grid = sns.pairplot(
+        table, vars=list(columns), hue=hue, hue_order=hue_order, corner=True, height=height, palette="tab10",
+        plot_kws={"s": 4, "alpha": 0.35, "linewidth": 0, "rasterized": True}, diag_kws={"common_norm": False},
+    )
+    if title:
+        grid.figure.suptitle(title, y=1.01)
+    return grid.figure
+
+
+def correlation_heatmap(table, columns: Sequence[str], title: str = "Pearson correlation") -> plt.Figure:
+    """A heatmap of the Pearson correlations between ``columns`` of ``table``, values written in."""
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(0.75 * len(columns) + 2, 0.65 * len(columns) + 1.2))
+    sns.heatmap(table[list(columns)].corr(), vmin=-1, vmax=1, cmap="RdBu_r", annot=True, fmt=".2f", square=True,
+                ax=ax, cbar_kws={"label": "r", "shrink": 0.8}, annot_kws={"fontsize": 8})
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def distribution(values, xlabel: str, title: str = "", log_x: bool = False, bins: int = 60,
+                 percentiles: Sequence[float] = (5, 50, 95)) -> plt.Figure:
+    """A histogram of ``values`` with dashed vertical lines at ``percentiles`` (labelled in the legend)."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    edges = np.geomspace(max(values.min(), 1e-9), values.max(), bins + 1) if log_x else bins
+    ax.hist(values, bins=edges, color="0.55", edgecolor="white", linewidth=0.3)
+    for q, colour in zip(percentiles, plt.cm.viridis(np.linspace(0.1, 0.85, len(percentiles))), strict=True):
+        at = np.percentile(values, q)
+        ax.axvline(at, color=colour, linestyle="--", linewidth=1.2, label=f"{q:g}th percentile: {at:,.0f}")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel="count", title=title)
+    ax.legend(fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def values_by_group(table, column: str, by: str, ylabel: str, title: str = "", log: bool = False,
+                    order: Sequence[str] | None = None, max_points: int = 3000, seed: int = 0) -> plt.Figure:
+    """Box plots of ``column`` per group ``by`` with the points over them; tick labels give each n.
+
+    At most ``max_points`` points are drawn (a seeded sample), the boxes use all rows.
+    """
+    import seaborn as sns
+
+    order = list(order) if order is not None else list(table[by].value_counts().index)
+    sizes = table[by].value_counts()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(order) + 2), 4))
+    sns.boxplot(data=table, x=by, y=column, order=order, ax=ax, color="0.85", fliersize=0, linewidth=0.8)
+    points = table.sample(min(len(table), max_points), random_state=seed)
+    sns.stripplot(data=points, x=by, y=column, order=order, ax=ax, size=2 if len(points) > 300 else 4,
+                  alpha=0.5 if len(points) > 300 else 0.8, jitter=0.25,
+                  hue=by, hue_order=order, palette="tab10", legend=False)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(order)), [f"{g}\nn={sizes.get(g, 0)}" for g in order], fontsize=8)
+    ax.set(xlabel=by, ylabel=ylabel, title=title)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def intensity_histogram_panels(histograms, ncols: int = 4, title: str = "",
+                               order: Sequence[str] | None = None) -> plt.Figure:
+    """Background vs object grey-level histograms, one panel per group (in ``order``), log y.
+
+    ``histograms`` is the table of :func:`cellkit.features.intensity_histograms` (columns group, level,
+    background_density, nuclei_density).
+    """
+    groups = list(order) if order is not None else list(dict.fromkeys(histograms["group"]))
+    nrows = int(np.ceil(len(groups) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.6 * nrows), squeeze=False, sharex=True)
+    for ax, group in zip(axes.flat, groups, strict=False):
+        part = histograms[histograms["group"] == group]
+        ax.fill_between(part["level"], part["background_density"], step="mid", alpha=0.5, label="background")
+        ax.fill_between(part["level"], part["nuclei_density"], step="mid", alpha=0.5, label="nuclei")
+        ax.set_yscale("log")
+        ax.set_ylim(1e-6, 1)
+        ax.set_title(str(group), fontsize=9)
+        ax.set_xlabel("grey level (0-255)", fontsize=8)
+        ax.set_ylabel("share of pixels", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# --- transforms (02_preprocessing_and_augmentation): images beside their histograms --------------------------
+
+
+def _display_range(image: np.ndarray) -> tuple[np.ndarray, float, float, bool]:
+    """What imshow gets for ``image``: (array, vmin, vmax, rescaled). uint8 on 0..255, floats on [0, 1] when
+    they fit, otherwise their own min..max (rescaled to [0, 1] for colour, which imshow needs)."""
+    if image.dtype == bool:
+        return image.astype(np.float32), 0.0, 1.0, False
+    if image.dtype == np.uint8:
+        return image, 0.0, 255.0, False
+    x = image.astype(np.float32)
+    low, high = float(np.nanmin(x)), float(np.nanmax(x))
+    if low >= 0 and high <= 1:
+        return x, 0.0, 1.0, False
+    if x.ndim == 3:
+        return (x - low) / max(high - low, 1e-12), 0.0, 1.0, True
+    return x, low, high, True
+
+
+def images_with_histograms(
+    images: Sequence[np.ndarray],
+    titles: Sequence[str] | None = None,
+    bins: int = 64,
+    log: bool = False,
+    cell_inches: float = 2.0,
+    title: str = "",
+    marks: Sequence[float | None] | None = None,
+) -> plt.Figure:
+    """Each image above its intensity histogram, side by side: what a transform does to pixels and their spread.
+
+    ``images`` are grey (H, W) or RGB (H, W, 3), of any dtype: uint8 is shown on 0..255 (so a dark image looks
+    dark), floats on [0, 1] when they fit and on their own min..max otherwise (e.g. z-scores; the panel says
+    so), bool as 0/1. Histograms are grey for grey images and one line per channel for RGB, over 0..255 for uint8
+    and over the data range for floats; ``log`` puts counts on a log scale (dark fluorescence backgrounds
+    otherwise flatten everything else). Each histogram's label gives the dtype and the min..max of the values;
+    ``marks``, one per image (None for none), draws a dashed vertical line on its histogram, e.g. a threshold.
+    """
+    from matplotlib.ticker import NullFormatter
+
+    n = len(images)
+    titles = list(titles) if titles is not None else [""] * n
+    fig, axes = plt.subplots(
+        2, n, figsize=(n * cell_inches, cell_inches * 1.72), squeeze=False, gridspec_kw={"height_ratios": [1, 0.62]}
+    )
+    for i, image in enumerate(images):
+        image = np.asarray(image)
+        shown, vmin, vmax, rescaled = _display_range(image)
+        top, bottom = axes[0, i], axes[1, i]
+        top.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=vmin, vmax=vmax, interpolation="nearest")
+        top.set_xticks([])
+        top.set_yticks([])
+        top.set_title(titles[i], fontsize=8)
+        if rescaled:
+            top.set_xlabel("shown min..max", fontsize=6)
+        values = image.astype(np.float32) if image.dtype != np.float32 else image
+        if image.dtype == np.uint8:
+            edges = np.linspace(0, 256, bins + 1)
+        elif image.dtype == bool:
+            edges = np.array([-0.25, 0.25, 0.75, 1.25])
+        else:
+            low, high = float(values.min()), float(values.max())
+            low, high = (0.0, 1.0) if low >= 0 and high <= 1 else (low, high if high > low else low + 1)
+            edges = np.linspace(low, high, bins + 1)
+        if values.ndim == 3 and values.shape[-1] == 3:
+            for channel, colour in enumerate(("tab:red", "tab:green", "tab:blue")):
+                counts, _ = np.histogram(values[..., channel], edges)
+                bottom.stairs(counts, edges, color=colour, linewidth=0.9)
+        else:
+            counts, _ = np.histogram(values, edges)
+            bottom.stairs(counts, edges, fill=True, color="0.45")
+        if marks is not None and marks[i] is not None:
+            bottom.axvline(marks[i], color="tab:orange", linestyle="--", linewidth=1.0)
+        if log:
+            bottom.set_yscale("log")
+            bottom.set_ylim(bottom=0.7)  # single pixels stay visible, two-valued images get comparable bars
+            bottom.yaxis.set_minor_formatter(NullFormatter())
+        bottom.set_xlim(edges[0], edges[-1])
+        bottom.tick_params(labelsize=6, which="both")
+        note = f"{values.mean():.1%} foreground" if image.dtype == bool else f"{values.min():.3g}..{values.max():.3g}"
+        bottom.set_xlabel(f"{image.dtype}, {note}", fontsize=6, labelpad=1)
+        bottom.spines[["top", "right"]].set_visible(False)
+    axes[1, 0].set_ylabel("pixels" + (" (log)" if log else ""), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(pad=0.3, h_pad=0.4, w_pad=0.5)
+    return fig

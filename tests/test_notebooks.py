@@ -68,6 +68,9 @@ def test_notebook_runs_in_smoke_profile_on_real_data(path, real_data, tmp_path, 
     record = json.loads((tmp_path / "figures" / path.stem / "metrics.json").read_text())
     assert REQUIRED_FIELDS <= set(record), f"metrics.json lacks {REQUIRED_FIELDS - set(record)}"
     assert record["profile"] == "smoke"
+    # papermill silently keeps the defaults when it cannot parse the parameters cell: check the overrides arrived
+    for name, value in notebooks.load_profiles()["smoke"].get(path.stem, {}).items():
+        assert record["parameters"].get(name) == value, f"smoke override {name}={value!r} did not reach the notebook"
     assert record["synthetic_data"] is False, "the smoke run must use the real data, not the synthetic stand-in"
     assert record["figures"], "the notebook saved no figures"
     for figure in record["figures"]:
