@@ -1,0 +1,319 @@
+"""cellkit.segmentation on hand-made arrays with known answers, simulated nuclei, and a few real DSB images."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage.morphology import h_maxima
+from skimage.segmentation import find_boundaries
+
+from cellkit import datasets, metrics, synthetic
+from cellkit import segmentation as seg
+from cellkit.datasets import DataError
+
+
+def test_segmentation_imports_no_keras():
+    code = "import sys, cellkit.segmentation; print(any(m in sys.modules for m in ('keras', 'tensorflow')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def _disc(shape, centre, radius):
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def _touching_squares() -> np.ndarray:
+    labels = np.zeros((40, 50), np.uint16)
+    labels[10:30, 5:25] = 1
+    labels[10:30, 25:45] = 7  # shares the column boundary 24 | 25 with object 1
+    return labels
+
+
+# --- normalisation and sizes ---
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (17, 33), (32, 48), (100, 129, 3)])
+def test_pad_to_multiple_then_crop_round_trip(shape):
+    image = np.random.default_rng(0).random(shape).astype(np.float32)
+    padded, original = seg.pad_to_multiple(image, 16)
+    assert original == shape[:2]
+    assert padded.shape[0] % 16 == 0 and padded.shape[1] % 16 == 0 and padded.shape[2:] == shape[2:]
+    assert padded.shape[0] - shape[0] < 16 and padded.shape[1] - shape[1] < 16
+    np.testing.assert_array_equal(seg.crop_to(padded, original), image)
+
+
+def test_pad_to_multiple_reflects_and_leaves_fitting_images_alone():
+    image = np.arange(20, dtype=np.float32).reshape(4, 5)
+    padded, _ = seg.pad_to_multiple(image, 8)
+    assert padded.shape == (8, 8)
+    np.testing.assert_array_equal(padded[4], image[2, [0, 1, 2, 3, 4, 3, 2, 1]])  # reflected about the last row
+    fitting = np.zeros((32, 16))
+    assert seg.pad_to_multiple(fitting, 16)[0] is fitting
+
+
+def test_percentile_normalise_range_and_constant_images():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 4000, size=(64, 64)).astype(np.uint16)
+    x = seg.percentile_normalise(image)
+    assert x.dtype == np.float32 and x.shape == image.shape
+    assert x.min() == 0.0 and x.max() == 1.0
+    assert 0.005 < np.mean(x == 0) < 0.02 and np.mean(x == 1) < 0.005  # only the tails beyond 1 and 99.8 clip
+    unclipped = seg.percentile_normalise(image, clip=False)
+    assert unclipped.min() < 0 and unclipped.max() > 1
+    for constant in (np.full((8, 8), 7, np.uint8), np.zeros((8, 8), np.float32)):
+        z = seg.percentile_normalise(constant)
+        assert z.dtype == np.float32 and np.all(z == 0)
+
+
+def test_input_stack_channels():
+    image = np.full((64, 64), 20, np.uint8)
+    image[20:44, 20:44] = 200
+    image[0, 0] = 0
+    stack = seg.input_stack(image, seg.CHANNELS)
+    assert stack.shape == (64, 64, 3) and stack.dtype == np.float32
+    original, inverse, canny = np.moveaxis(stack, -1, 0)
+    np.testing.assert_allclose(original, seg.percentile_normalise(image))
+    np.testing.assert_allclose(inverse, 1 - original)
+    assert set(np.unique(canny)) == {0.0, 1.0}
+    ring = find_boundaries(image > 100, mode="thick")
+    assert canny[ring].mean() > 0.4 and not canny[~ring].any()  # edges on the square's outline only
+    one = seg.input_stack(image)
+    assert one.shape == (64, 64, 1)
+    np.testing.assert_array_equal(one[..., 0], original)
+    assert seg.input_stack(np.dstack([image] * 3), ("inverse",)).shape == (64, 64, 1)  # colour averaged
+    with pytest.raises(ValueError, match="channels"):
+        seg.input_stack(image, ("original", "sobel"))
+
+
+# --- targets ---
+
+
+def test_three_class_target_separates_touching_squares():
+    labels = _touching_squares()
+    target = seg.three_class_target(labels)
+    assert target.dtype == np.uint8 and set(np.unique(target)) == {0, 1, 2}
+    np.testing.assert_array_equal(target == 0, labels == 0)
+    _, n_interiors = ndi.label(target == 1, structure=np.ones((3, 3)))
+    assert n_interiors == 2  # separate even with 8-connectivity
+    np.testing.assert_array_equal(target == 2, find_boundaries(labels, connectivity=2, mode="inner"))
+    assert (target[10:30, 24] == 2).all() and (target[10:30, 25] == 2).all()  # both sides of the shared boundary
+    np.testing.assert_array_equal(seg.binary_target(labels), labels > 0)
+
+
+def test_three_class_target_edge_width():
+    labels = _touching_squares()
+    thick = seg.three_class_target(labels, edge_width=2)
+    assert (thick[12:28, 23:27] == 2).all() and (thick[12:28, 8:22] == 1).all()
+    assert (thick == 2).sum() > (seg.three_class_target(labels) == 2).sum()
+    with pytest.raises(ValueError, match="edge_width"):
+        seg.three_class_target(labels, edge_width=0)
+
+
+def test_class_weights():
+    target = np.array([[0, 0, 0, 0], [0, 1, 1, 2]], np.uint8)
+    np.testing.assert_array_equal(seg.class_weight_map(target), [[1, 1, 1, 1], [1, 1, 1, 5]])
+    # class frequencies 5/8, 2/8, 1/8; median 2/8
+    np.testing.assert_allclose(seg.balanced_class_weights([target, target]), [0.4, 1.0, 2.0])
+
+
+# --- training crops ---
+
+
+def test_random_crops_shapes_foreground_and_determinism():
+    field = synthetic.nuclei_field(shape=(200, 300), n_nuclei=4, seed=3)
+    images, labels = [field.fluorescence], [field.labels]
+    x, y = seg.random_crops(images, labels, n=12, size=64, rng=np.random.default_rng(0), foreground_fraction=1.0)
+    assert x.shape == (12, 64, 64) and x.dtype == np.uint8 and y.shape == (12, 64, 64) and y.dtype == np.int32
+    assert all(crop.any() for crop in y)
+    x2, y2 = seg.random_crops(images, labels, n=12, size=64, rng=np.random.default_rng(0), foreground_fraction=1.0)
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(y, y2)
+    # each crop is a window of the source
+    crop = x[0]
+    hits = [(i, j) for i in range(200 - 63) for j in range(300 - 63) if field.fluorescence[i, j] == crop[0, 0]]
+    assert any((field.fluorescence[i : i + 64, j : j + 64] == crop).all() for i, j in hits)
+
+
+def test_random_crops_pad_small_images_with_mirrored_objects_as_new_ids():
+    image = np.zeros((40, 50, 2), np.float32)
+    labels = np.zeros((40, 50), np.uint16)
+    labels[5:15, 0:10] = 3
+    image[labels > 0] = 1
+    x, y = seg.random_crops([image], [labels], n=2, size=(128, 96), rng=np.random.default_rng(0))
+    assert x.shape == (2, 128, 96, 2) and y.shape == (2, 128, 96)
+    assert len(np.unique(y[0])) - 1 > 1  # the object and its mirror images
+    np.testing.assert_array_equal(x[0][..., 0] > 0, y[0] > 0)
+    target = seg.three_class_target(y[0])
+    _, n_objects = ndi.label(target == 1)
+    assert n_objects == len(np.unique(y[0])) - 1  # mirrored copies are separated by edges
+
+
+def test_random_crops_with_notebook_02_augmentation():
+    from cellkit import transforms
+
+    field = synthetic.nuclei_field(shape=(160, 160), seed=2)
+    stack = seg.input_stack(field.fluorescence, seg.CHANNELS)
+    x, y = seg.random_crops([stack], [field.labels], n=3, size=128, rng=np.random.default_rng(5),
+                            augmentation=transforms.RECIPES["report002"])
+    assert x.shape == (3, 128, 128, 3) and x.dtype == np.float32 and y.shape == (3, 128, 128)
+    assert set(np.unique(y)) <= set(np.unique(field.labels))
+
+
+# --- label images and instances ---
+
+
+def test_remove_small_and_relabel():
+    labels = np.zeros((10, 10), np.uint16)
+    labels[0:2, 0:2] = 5  # 4 px
+    labels[5:10, 5:10] = 9  # 25 px
+    labels[0, 9] = 2  # 1 px
+    out = seg.remove_small(labels, min_size=4)
+    assert out.dtype == np.int32
+    assert sorted(np.unique(out)) == [0, 1, 2]
+    np.testing.assert_array_equal(out == 2, labels == 9)
+    kept = seg.remove_small(labels, min_size=5, relabel=False)
+    assert sorted(np.unique(kept)) == [0, 9]
+    np.testing.assert_array_equal(seg.relabel_sequential(np.array([[0, 40], [7, 40]])), [[0, 2], [1, 2]])
+
+
+def test_instances_from_foreground_components_and_small_objects():
+    prob = np.zeros((30, 30), np.float32)
+    prob[2:10, 2:10] = 0.9
+    prob[5, 5] = 0.1  # a hole
+    prob[15:25, 15:25] = 0.7
+    prob[28, 28] = 0.95  # a speck
+    labels = seg.instances_from_foreground(prob, threshold=0.5, min_size=5)
+    assert labels.dtype == np.int32 and labels.max() == 2
+    assert labels[5, 5] == labels[2, 2] and labels[28, 28] == 0
+
+
+def test_watershed_splits_two_overlapping_discs():
+    shape = (60, 80)
+    mask = _disc(shape, (30, 25), 14) | _disc(shape, (30, 50), 14)
+    assert ndi.label(mask)[1] == 1
+    labels = seg.watershed_split(mask)
+    assert labels.max() == 2
+    assert labels[30, 25] != labels[30, 50] and labels[30, 25] > 0 and labels[30, 50] > 0
+    single = seg.watershed_split(_disc(shape, (30, 40), 14))
+    assert single.max() == 1
+
+
+def test_h_maxima_matches_scikit_image():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((120, 160), bool)
+    for _ in range(25):
+        mask |= _disc(mask.shape, rng.integers(0, 120, 2), rng.integers(3, 15))
+    distance = seg._distance(mask)
+    for h in (0.5, 2.0, 3.0):
+        np.testing.assert_array_equal(seg._h_maxima(distance, h), h_maxima(distance, np.float32(h)).astype(bool))
+
+
+def test_instances_from_three_class_recovers_a_perfect_target():
+    field = synthetic.nuclei_field(seed=4)
+    assert field.touching  # the test is about touching nuclei
+    probs = np.eye(3, dtype=np.float32)[seg.three_class_target(field.labels)]
+    labels = seg.instances_from_three_class(probs, min_size=0)
+    match = metrics.match_instances(labels, field.labels)
+    assert match["f1"] == 1.0 and match["mean_iou"] > 0.98
+    # report 002's convention (edge pixels are background): every nucleus found, but each loses its outline
+    interiors = metrics.match_instances(seg.instances_from_three_class(probs, grow=False, min_size=0), field.labels)
+    assert interiors["tp"] == field.n_nuclei and interiors["mean_iou"] < 0.85
+
+
+def test_probs_to_instances_dispatches_on_classes():
+    labels = _touching_squares()
+    three = np.eye(3, dtype=np.float32)[seg.three_class_target(labels)]
+    assert seg.probs_to_instances(three).max() == 2
+    two = np.eye(2, dtype=np.float32)[seg.binary_target(labels)]
+    assert seg.probs_to_instances(two).max() == 1  # connected components keep the squares merged
+    with pytest.raises(DataError):
+        seg.probs_to_instances(np.zeros((4, 4, 5)))
+
+
+# --- tiled prediction ---
+
+
+def _pointwise(batch):
+    return np.concatenate([2 * batch + 1, batch**2], axis=-1)
+
+
+def _mean3x3(batch):
+    return ndi.uniform_filter(batch, size=(1, 3, 3, 1), mode="reflect")
+
+
+@pytest.mark.parametrize("predict", [_pointwise, _mean3x3])
+def test_tiled_prediction_equals_untiled(predict):
+    stack = np.random.default_rng(0).random((300, 517, 2)).astype(np.float32)
+    whole = seg.predict_tiled(stack, predict, tile=None)
+    assert whole.shape == (300, 517, predict(stack[None, :2, :2]).shape[-1]) and whole.dtype == np.float32
+    tiled = seg.predict_tiled(stack, predict, tile=128, overlap=32, batch_size=3)
+    np.testing.assert_allclose(tiled, whole, atol=1e-6)
+    # the blending does matter: without a margin the 3 x 3 filter's cut-off tile edges leak in
+    rough = seg.predict_tiled(stack, predict, tile=128, overlap=32, margin=0)
+    if predict is _mean3x3:
+        assert np.abs(rough - whole).max() > 1e-3
+
+
+def test_tiled_prediction_batches_and_small_images():
+    calls = []
+
+    def predict(batch):
+        calls.append(batch.shape)
+        return batch[..., :1]
+
+    out = seg.predict_tiled(np.ones((70, 90), np.float32), predict, tile=256)
+    assert out.shape == (70, 90, 1) and calls == [(1, 80, 96, 1)]  # one padded pass
+    calls.clear()
+    seg.predict_tiled(np.ones((600, 600, 1), np.float32), predict, tile=256, overlap=32, batch_size=4)
+    assert sum(c[0] for c in calls) == 9 and all(c[0] <= 4 and c[1:3] == (256, 256) for c in calls)
+
+
+def test_tiled_prediction_bad_input():
+    with pytest.raises(DataError, match="predict returned shape") as error:
+        seg.predict_tiled(np.ones((64, 64, 1)), lambda b: b[:, ::2, ::2], tile=32)
+    with pytest.raises(DataError, match="too large") as error:
+        seg.predict_tiled(np.ones((100, 100, 1)), _pointwise, tile=None, max_pixels=5000)
+    assert "\n" not in str(error.value) and "tile" in str(error.value)
+    assert seg.predict_tiled(np.ones((100, 100, 1)), _pointwise, tile=64, max_pixels=5000).shape == (100, 100, 2)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        seg.predict_tiled(np.ones((64, 64, 1)), _pointwise, tile=100)
+
+
+def test_predict_instances_end_to_end_with_a_threshold_model():
+    field = synthetic.nuclei_field(seed=1)
+
+    def model(batch):  # a "network" that thresholds the original channel: (B, h, w, 1) -> (B, h, w, 2)
+        fg = (batch[..., 0] > 0.5).astype(np.float32)
+        return np.stack([1 - fg, fg], axis=-1)
+
+    labels, probs = seg.predict_instances(field.fluorescence, model, tile=64, overlap=16)
+    assert probs.shape == (*field.labels.shape, 2)
+    expected = seg.instances_from_foreground(seg.input_stack(field.fluorescence)[..., 0] > 0.5)
+    np.testing.assert_array_equal(labels, expected)
+
+
+# --- the classical baseline ---
+
+
+def test_otsu_watershed_on_simulated_nuclei():
+    preds, gts = [], []
+    for seed in range(3):
+        field = synthetic.nuclei_field(seed=seed)
+        preds.append(seg.otsu_watershed(field.fluorescence))
+        gts.append(field.labels)
+    assert preds[0].dtype == np.int32
+    assert metrics.match_dataset(preds, gts, thresholds=[0.5])["by_threshold"][0.5]["f1"] > 0.85  # 0.95
+    assert seg.otsu_watershed(np.full((32, 32), 9, np.uint8)).max() == 0
+
+
+def test_otsu_watershed_on_real_dsb_test_images(real_data):
+    ids = datasets.dsb2018_split()["test"][:10]
+    data = datasets.load_dsb2018(ids)
+    preds = [seg.otsu_watershed(image) for image in data.images]
+    f1 = metrics.match_dataset(preds, data.labels, thresholds=[0.5])["by_threshold"][0.5]["f1"]
+    assert 0.6 < f1 < 0.95  # about 0.8 on the whole test split
