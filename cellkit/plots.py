@@ -342,3 +342,248 @@ def images_with_histograms(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(pad=0.3, h_pad=0.4, w_pad=0.5)
     return fig
+
+
+# --- classifiers (04_cnn_lenet_alexnet): learning curves, confusion matrices, ROC curves ------------------
+
+
+def learning_curves(histories: dict[str, dict[str, Sequence[float]]], title: str = "",
+                    metrics: Sequence[str] = ("loss", "accuracy")) -> plt.Figure:
+    """Training (solid) and validation (dashed) curves per epoch, one panel per metric, one colour per model.
+
+    ``histories`` maps a model name to a Keras-style history: ``{"loss": [...], "val_loss": [...], ...}``.
+    A circle marks the epoch with the best validation accuracy (the weights early stopping kept).
+    """
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.6), squeeze=False)
+    colours = plt.cm.tab10(np.arange(len(histories)) % 10)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for colour, (name, history) in zip(colours, histories.items(), strict=True):
+            train, val = history.get(metric, []), history.get(f"val_{metric}", [])
+            epochs = np.arange(1, len(train) + 1)
+            ax.plot(epochs, train, color=colour, linewidth=1.3, label=f"{name} train")
+            if len(val):
+                ax.plot(epochs, val, color=colour, linewidth=1.3, linestyle="--", label=f"{name} validation")
+                best = int(np.nanargmax(history.get("val_accuracy", val)))
+                ax.plot(best + 1, val[best], "o", color=colour, markersize=5)
+        ax.set(xlabel="epoch", ylabel=metric, title=metric)
+        ax.grid(alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[0, -1].legend(fontsize=7, frameon=False, loc="lower right" if "acc" in metrics[-1] else "best")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_heatmap(matrix: Sequence[Sequence[int]], class_names: Sequence[str], title: str = "",
+                      normalise: bool = True) -> plt.Figure:
+    """A confusion matrix (rows true, columns predicted) as a heatmap; with ``normalise`` each row is shown as
+    shares of its true class (recall on the diagonal) and the counts are written in the cells."""
+    counts = np.asarray(matrix, dtype=float)
+    shown = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) if normalise else counts
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(0.62 * k + 2.4, 0.55 * k + 1.6))
+    image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalise else None)
+    for i in range(k):
+        for j in range(k):
+            if counts[i, j]:
+                ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7,
+                        color="white" if shown[i, j] > 0.6 * (shown.max() or 1) else "black")
+    ax.set_xticks(range(k), class_names, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(k), class_names, fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class" if normalise else "count")
+    fig.tight_layout()
+    return fig
+
+
+def roc_curves(y_true: Sequence[int], y_score: np.ndarray, class_names: Sequence[str], title: str = "") -> plt.Figure:
+    """One-vs-rest ROC curve of every class (``y_score`` (n, k) probabilities), its AUC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y_true = np.asarray(y_true)
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    for c, name in enumerate(class_names):
+        positive = y_true == c
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, y_score[:, c])
+        ax.plot(fpr, tpr, linewidth=1.2, label=f"{name} (AUC {roc_auc_score(positive, y_score[:, c]):.4f})")
+    ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(-0.01, 1), ylim=(0, 1.01))
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+# --- hand-crafted features (03_handcrafted_features_random_forest): importances, scores with spread ----------
+
+
+def feature_importances(importances, families: Sequence[str], top: int = 25, title: str = "",
+                        xlabel: str = "mean decrease in impurity") -> plt.Figure:
+    """The ``top`` most important features as horizontal bars coloured by family, beside each family's total.
+
+    ``importances`` is a pandas Series indexed by feature name (e.g. a forest's ``feature_importances_``);
+    ``families`` gives the family of each entry, in the same order (see
+    :func:`cellkit.features.feature_families`). The right panel sums the importances per family, so a family
+    of many weak features (histogram bins) can be compared with one of few strong ones.
+    """
+    import pandas as pd
+
+    table = pd.DataFrame({"importance": np.asarray(importances, dtype=float), "family": list(families)},
+                         index=[str(i) for i in importances.index])
+    order = list(dict.fromkeys(table["family"]))
+    colour_of = {family: plt.cm.tab10(i % 10) for i, family in enumerate(order)}
+    best = table.nlargest(top, "importance").iloc[::-1]
+    totals = table.groupby("family", sort=False)["importance"].sum().sort_values()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, max(3.5, 0.22 * len(best) + 1.2)),
+                                      gridspec_kw={"width_ratios": [2.2, 1]})
+    left.barh(range(len(best)), best["importance"], color=[colour_of[f] for f in best["family"]])
+    left.set_yticks(range(len(best)), best.index, fontsize=7)
+    left.set(xlabel=xlabel, title=f"top {len(best)} features")
+    right.barh(range(len(totals)), totals.to_numpy(), color=[colour_of[f] for f in totals.index])
+    right.set_yticks(range(len(totals)), [f"{f} ({(table['family'] == f).sum()})" for f in totals.index], fontsize=8)
+    right.set(xlabel=f"sum of {xlabel}", title="per family (number of features)")
+    for ax in (left, right):
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.tick_params(axis="x", labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def scores_with_spread(means, spreads=None, title: str = "", ylabel: str = "score", ylim: tuple | None = None,
+                       reference: float | None = None, reference_label: str = "") -> plt.Figure:
+    """Grouped bars of mean scores (e.g. cross-validated accuracy) with error bars and the values written on top.
+
+    ``means`` is a DataFrame (rows: clusters, e.g. image sizes; columns: bars, e.g. metrics); ``spreads`` the
+    same shape (e.g. standard deviations over folds), or None. ``reference`` draws a dashed horizontal line,
+    e.g. a source report's number.
+    """
+    n_rows, n_cols = means.shape
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * n_rows * n_cols + 1.5), 3.8))
+    width = 0.8 / n_cols
+    x = np.arange(n_rows)
+    for j, column in enumerate(means.columns):
+        errors = None if spreads is None else spreads[column].to_numpy()
+        bars = ax.bar(x + (j - (n_cols - 1) / 2) * width, means[column].to_numpy(), width, yerr=errors,
+                      capsize=3, label=str(column))
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+    if reference is not None:
+        ax.axhline(reference, color="0.3", linestyle="--", linewidth=1, label=reference_label or None)
+    ax.set_xticks(x, [str(i) for i in means.index])
+    ax.set(title=title, ylabel=ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.legend(fontsize=8, frameon=False, loc="lower right")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+# --- segmentation (07_unet_segmentation): TP/FP/FN overlays, image panels, score curves ------------------------
+
+#: Colours of :func:`tp_fp_fn_overlay` (report 003's convention).
+TP_COLOUR, FP_COLOUR, FN_COLOUR = (0.1, 0.85, 0.1), (0.95, 0.1, 0.1), (0.15, 0.35, 1.0)
+
+
+def tp_fp_fn_overlay(pred: np.ndarray, gt: np.ndarray, image: np.ndarray | None = None,
+                     image_weight: float = 0.45) -> np.ndarray:
+    """Pixel-level agreement of a prediction with the reference as an RGB float image in [0, 1] (report 003's
+    figures 5.6 and 6.3): green = true positive (nucleus in both), red = false positive (predicted only), blue =
+    false negative (reference only). Background agreeing in both is black, or ``image`` in grey (scaled by its
+    1st-99.8th percentiles, dimmed by ``image_weight``) when given.
+
+    ``pred``, ``gt``: (H, W) label images or masks (non-zero = nucleus).
+    """
+    pred, gt = np.asarray(pred) > 0, np.asarray(gt) > 0
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred and gt shapes differ: {pred.shape} vs {gt.shape}")
+    if image is None:
+        rgb = np.zeros(pred.shape + (3,), np.float32)
+    else:
+        grey = np.asarray(image, dtype=np.float32)
+        grey = grey.mean(axis=-1) if grey.ndim == 3 else grey
+        low, high = np.percentile(grey, [1, 99.8])
+        grey = np.clip((grey - low) / max(high - low, 1e-6), 0, 1) * image_weight
+        rgb = np.repeat(grey[..., None], 3, axis=-1)
+    rgb[pred & gt] = TP_COLOUR
+    rgb[pred & ~gt] = FP_COLOUR
+    rgb[~pred & gt] = FN_COLOUR
+    return rgb
+
+
+def segmentation_panels(rows: Sequence[dict], columns: Sequence[str] = ("image", "reference", "prediction", "tp/fp/fn"),
+                        cell_inches: float = 2.6, title: str = "", max_side: int | None = 384) -> plt.Figure:
+    """A grid with one row per example: each ``row`` is a dict with ``image`` (H, W), ``gt`` and ``pred``
+    (instance labels) and an optional ``title``; columns: the image, the reference and the prediction with their
+    instances outlined (:func:`overlay_instances`), and the TP/FP/FN overlay (:func:`tp_fp_fn_overlay`).
+    Images larger than ``max_side`` pixels are shown as their central ``max_side`` x ``max_side`` part (the
+    row title says so), so that nuclei stay visible."""
+    from matplotlib.patches import Patch
+
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(len(columns) * cell_inches,
+                                                                len(rows) * cell_inches + 0.5), squeeze=False)
+    for r, row in enumerate(rows):
+        image, gt, pred = np.asarray(row["image"]), np.asarray(row["gt"]), np.asarray(row["pred"])
+        label = row.get("title", "")
+        if max_side is not None and max(gt.shape) > max_side:
+            top, left = max(0, (gt.shape[0] - max_side) // 2), max(0, (gt.shape[1] - max_side) // 2)
+            window = (slice(top, top + max_side), slice(left, left + max_side))
+            image, gt, pred = image[window], gt[window], pred[window]
+            label = f"{label}\n(centre {min(max_side, gt.shape[0])} x {min(max_side, gt.shape[1])})".strip()
+        grey = image.mean(axis=-1) if image.ndim == 3 else image
+        panels = {
+            "image": None,
+            "reference": overlay_instances(grey, gt),
+            "prediction": overlay_instances(grey, pred),
+            "tp/fp/fn": tp_fp_fn_overlay(pred, gt),
+        }
+        for c, name in enumerate(columns):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if name == "image":
+                low, high = np.percentile(grey, [1, 99.8])
+                ax.imshow(grey, cmap="gray", vmin=low, vmax=max(high, low + 1e-6))
+            else:
+                ax.imshow(panels[name])
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+        if label:
+            axes[r, 0].set_ylabel(label, fontsize=7)
+    fig.legend(handles=[Patch(color=TP_COLOUR, label="true positive"), Patch(color=FP_COLOUR, label="false positive"),
+                        Patch(color=FN_COLOUR, label="false negative")], loc="lower center", ncol=3, fontsize=8,
+               frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def score_curves(table, x: str, columns: Sequence[str], group: str | None = None, title: str = "",
+                 xlabel: str | None = None, ylabel: str = "score", log_x: bool = False) -> plt.Figure:
+    """Scores against a hyperparameter: one line per column of ``columns`` (or, with ``group``, one line per
+    value of that column for the single score ``columns[0]``), markers at the measured points, values written.
+
+    ``table`` is a DataFrame with a column ``x`` (e.g. the learning rate) and the score columns.
+    """
+    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    if group is None:
+        series = [(str(c), table.sort_values(x), c) for c in columns]
+    else:
+        series = [(f"{group} {g}", part.sort_values(x), columns[0]) for g, part in table.groupby(group)]
+    for label, part, column in series:
+        ax.plot(part[x], part[column], marker="o", linewidth=1.3, label=label)
+        for xv, yv in zip(part[x], part[column], strict=True):
+            ax.annotate(f"{yv:.3f}", (xv, yv), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel or x, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
