@@ -5,6 +5,12 @@ Examples
 cellkit data list
 cellkit data fetch pbc
 cellkit run-notebooks --profile smoke --only 01
+cellkit train classifier --model cellnet --data pbc28 --out models/cellnet.keras
+cellkit evaluate classifier --model models/cellnet.keras --data pbc28 --json scores.json
+cellkit classify --model models/cellnet.keras my_cells/ --csv predictions.csv
+cellkit train unet --data dsb2018 --classes 3 --out models/unet.keras
+cellkit segment --model models/unet.keras --input my_images/ --out masks/ --overlay
+cellkit evaluate segmentation --pred masks/ --gt my_labels/ --json scores.json
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 
@@ -110,6 +117,358 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- cellkit train classifier, evaluate classifier, classify -----------------------------------------
+
+
+def _progress_mode(args: argparse.Namespace) -> str:
+    if getattr(args, "quiet", False):
+        return "none"
+    return "bar" if sys.stderr.isatty() else "epoch"
+
+
+def _check_output(out: Path, inputs: Sequence[str]) -> None:
+    """Refuse to write over input data."""
+    resolved = out.resolve()
+    for item in inputs:
+        source = Path(item).resolve()
+        if resolved == source or (source.is_dir() and source in resolved.parents):
+            raise ValueError(f"{out}: refusing to write inside the input data {item}; choose another --out")
+
+
+def _train_classifier(args: argparse.Namespace) -> int:
+    from cellkit import config, models
+
+    entry = models.spec(args.model)  # a one-line error for an unknown name, before TensorFlow loads
+    size = args.size or entry.input_size
+    if size < entry.min_size:
+        raise ValueError(f"model {entry.name!r} needs inputs of at least {entry.min_size}x{entry.min_size} "
+                         f"pixels, got --size {size}")
+    out = Path(args.out) if args.out else config.models_dir() / f"{entry.name}.keras"
+    if out.suffix != ".keras":
+        raise ValueError(f"{out}: the model file must end in .keras")
+    _check_output(out, [args.data])
+    from cellkit import training
+
+    data = training.load_training_data(args.data, size, args.crop, args.seed)
+    print(f"data: {data.source}: {len(data.train)} train, {len(data.val)} validation, "
+          f"{len(data.test) if data.test is not None else 0} test images, {len(data.train.class_names)} classes "
+          f"({data.split}); inputs {size}x{size}, crop {data.crop or 'largest centred square'}", flush=True)
+    if args.threads:
+        training.set_threads(args.threads)
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+                 "patience": args.patience, "augment": args.augment, "tta": args.tta,
+                 "class_weight": "balanced" if args.balanced else None}
+    fit_config = training.FitConfig.for_model(entry.name, **overrides)
+    print(f"training {entry.name} ({entry.description}); recipe: {fit_config}", flush=True)
+    run = training.train_classifier(entry.name, data.train, data.val, data.test, input_size=size, crop=data.crop,
+                                    config=fit_config, precision=args.precision, seed=args.seed,
+                                    progress=_progress_mode(args))
+    run.data["split"] = data.split
+    path = run.save(out)
+    summary = run.summary()
+    print(f"trained in {summary['train_seconds']:.0f} s ({summary['epochs_run']} epochs, best {summary['best_epoch']}, "
+          f"{summary['precision']}), peak memory {summary['peak_rss_mb']:.0f} MiB, "
+          f"{summary['images_per_second']:.0f} images/s (test-time augmentation: {summary['tta']})")
+    part, report = ("test", run.test_report) if run.test_report else ("validation", run.val_report)
+    print(f"{part}: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, "
+          f"AUC {report.get('auc_ovr') or float('nan'):.4f} on {report['n']} images")
+    print(f"wrote {path} and {models.sidecar_path(path)}")
+    return 0
+
+
+def _evaluate_classifier(args: argparse.Namespace) -> int:
+    import json
+
+    from cellkit import models
+
+    if not Path(args.model).is_file():
+        models.load(args.model)  # raises the one-line "no such model file"
+    info = models.read_info(args.model)
+    from cellkit import training
+
+    data = training.load_evaluation_data(args.data, info, args.split)  # checks labels before loading Keras
+    trained = models.load(args.model)
+    images = trained.prepare(data.images)
+    report = training.evaluate(trained, images, data.labels, args.tta)
+    report.update({"model": str(args.model), "data": str(args.data)})
+    print(f"{args.data}: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, "
+          f"AUC {report.get('auc_ovr') or float('nan'):.4f} on {report['n']} images "
+          f"(test-time augmentation: {report['tta']})")
+    for name, scores in report["per_class"].items():
+        print(f"  {name:<16} precision {scores['precision']:.3f}  recall {scores['recall']:.3f}  "
+              f"F1 {scores['f1']:.3f}  n {scores['support']}")
+    if args.json:
+        out = Path(args.json)
+        _check_output(out, [args.data, args.model])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from cellkit import models
+
+    files = models.image_files(args.path)
+    if args.csv:
+        _check_output(Path(args.csv), [args.path, args.model])
+    trained = models.load(args.model)
+    failed: list[Path] = []
+
+    def warn(path: Path, message: str) -> None:
+        failed.append(path)
+        reason = message if message.startswith(str(path)) else f"{path}: {message}"
+        print(f"warning: skipped {reason}", file=sys.stderr, flush=True)
+
+    rows = models.classify_files(trained, files, tta=args.tta, on_error=warn)
+    width = max((len(r["file"]) for r in rows), default=4)
+    if rows:
+        print(f"{'file':<{width}}  {'class':<16} probability")
+    for row in rows:
+        print(f"{row['file']:<{width}}  {row['class']:<16} {row['probability']:.3f}")
+    if args.csv:
+        import pandas as pd
+
+        out = Path(args.csv)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows, columns=["file", "class", "probability", *(f"p_{n}" for n in trained.class_names)]
+                     ).to_csv(out, index=False)
+        print(f"wrote {out}")
+    if failed:
+        print(f"error: {len(failed)} of {len(files)} files could not be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_train_classifier(train_commands: argparse._SubParsersAction) -> None:
+    from cellkit import models
+
+    names = "|".join(models.REGISTRY)
+    parser = _add_command(
+        train_commands, "classifier", _train_classifier,
+        "train an image classifier (early stopping on the validation split); writes NAME.keras and NAME.json",
+        "cellkit train classifier --model lenet --data pbc28 --epochs 10 --out models/lenet.keras",
+    )
+    parser.add_argument("--model", default=models.DEFAULT_MODEL, metavar="NAME",
+                        help=f"architecture: {names} (default: {models.DEFAULT_MODEL}, the best recipe here)")
+    parser.add_argument("--data", default="pbc28", metavar="PATH",
+                        help="pbc28, pbc_jpg, an .npz (MedMNIST-style or images/labels) or a folder of class "
+                             "subfolders; data without splits are split 70/10/20 (default: pbc28)")
+    parser.add_argument("--size", type=int, help="input side in pixels (default: the model's, e.g. 28)")
+    parser.add_argument("--crop", type=int, metavar="PX",
+                        help="centre crop in pixels taken from an original image before resizing, recorded for "
+                             "classify (default: 200 for the PBC data, else the largest centred square; 0: the "
+                             "latter)")
+    parser.add_argument("--epochs", type=int, help="maximum epochs (default: the model's recipe)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default: the model's recipe)")
+    parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the model's recipe)")
+    parser.add_argument("--patience", type=int, help="epochs without better validation accuracy before stopping")
+    parser.add_argument("--augment", choices=("none", "flips", "dihedral", "dihedral_shift"),
+                        help="training augmentation (default: the model's recipe)")
+    parser.add_argument("--tta", choices=("none", "flips", "dihedral", "auto"),
+                        help="test-time augmentation; auto chooses on the validation split")
+    parser.add_argument("--balanced", action="store_true", help="weigh classes equally in the loss")
+    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="auto: mixed bfloat16 where the CPU supports it (saved models are float32 anyway)")
+    parser.add_argument("--threads", type=int, help="threads inside TensorFlow ops (default: all CPUs)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of splits, weights and augmentation")
+    parser.add_argument("--out", metavar="FILE.keras", help="model file (default: models/MODEL.keras)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _add_evaluate_classifier(evaluate_commands: argparse._SubParsersAction) -> None:
+    parser = _add_command(
+        evaluate_commands, "classifier", _evaluate_classifier,
+        "score a trained classifier on labelled images: accuracy, macro-F1, per-class scores, AUC, confusion",
+        "cellkit evaluate classifier --model models/cellnet.keras --data my_cells/ --json scores.json",
+    )
+    parser.add_argument("--model", required=True, metavar="FILE.keras", help="a model from cellkit train classifier")
+    parser.add_argument("--data", default="pbc28", metavar="PATH",
+                        help="pbc28 (its test split), pbc_jpg, an .npz or a folder of class subfolders")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"),
+                        help="which split of a MedMNIST-style npz (default: test)")
+    parser.add_argument("--tta", choices=("none", "flips", "dihedral"), help="override the model's test-time "
+                                                                             "augmentation")
+    parser.add_argument("--json", metavar="OUT", help="write the full report as JSON")
+
+
+def _add_classify(commands: argparse._SubParsersAction) -> None:
+    parser = _add_command(
+        commands, "classify", _classify,
+        "class and probabilities for each image in a file or folder (any size, RGB/RGBA/grey, 8 or 16 bit)",
+        "cellkit classify --model models/cellnet.keras my_cells/ --csv predictions.csv",
+    )
+    parser.add_argument("path", metavar="IMAGE_OR_FOLDER", help="an image, or a folder searched recursively")
+    parser.add_argument("--model", required=True, metavar="FILE.keras", help="a model from cellkit train classifier")
+    parser.add_argument("--tta", choices=("none", "flips", "dihedral"), help="override the model's test-time "
+                                                                             "augmentation")
+    parser.add_argument("--csv", metavar="OUT", help="write file, class, probability and p_<class> columns")
+
+
+# --- cellkit train unet, evaluate segmentation, segment ----------------------------------------------
+
+
+def _train_unet(args: argparse.Namespace) -> int:
+    from cellkit import config
+
+    out = Path(args.out) if args.out else config.models_dir() / "unet.keras"
+    if out.suffix != ".keras":
+        raise ValueError(f"{out}: the model file must end in .keras")
+    _check_output(out, [args.data])
+    from cellkit import training
+
+    overrides = {"n_classes": {2: 1, 3: 3}[args.classes], "epochs": args.epochs, "base_filters": args.base_filters,
+                 "learning_rate": args.learning_rate, "batch_size": args.batch_size, "crop": args.crop,
+                 "steps_per_epoch": args.steps_per_epoch}
+    unet_config = training.UNetConfig(**{**training.UNET_PROFILES[args.profile],
+                                         **{k: v for k, v in overrides.items() if v is not None}})
+    data = training.load_segmentation_data(args.data, args.seed)
+    print(f"data: {data.source}: {len(data.train)} train, {len(data.val)} validation, {len(data.test)} test images "
+          f"({data.split})", flush=True)
+    if args.threads:
+        training.set_threads(args.threads)
+    print(f"training a U-Net ({args.classes} classes, profile {args.profile}): {unet_config}", flush=True)
+    run = training.train_unet(data.train, data.val, data.test, config=unet_config, precision=args.precision,
+                              seed=args.seed, progress=_progress_mode(args))
+    run.data["split"] = data.split
+    path = run.save(out)
+    s = run.summary()
+    print(f"trained in {s['train_minutes']:.1f} min ({s['epochs_run']} epochs, best {s['best_epoch']}, "
+          f"{s['precision']}), peak memory {s['peak_rss_mb']:.0f} MiB; inference {s['mpx_per_s']:.2f} Mpx/s")
+    print(f"post-processing chosen on validation: {s['postprocess']}")
+    test = run.test_scores
+    print(f"test: F1 {test['f1']:.4f}, AP {test['ap']:.4f}, PQ {test['pq']:.4f} at IoU 0.5, SEG {test['seg']:.4f} "
+          f"on {test['n_images']} images ({test['n_gt']} nuclei)")
+    print(f"wrote {path} and {path.with_suffix('.json')}")
+    return 0
+
+
+def _evaluate_segmentation(args: argparse.Namespace) -> int:
+    import json
+
+    from cellkit import models
+
+    def warn(message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    if args.json:
+        _check_output(Path(args.json), [args.pred, args.gt])
+    report = models.evaluate_label_folders(args.pred, args.gt, on_warning=warn)
+    report.update({"pred": str(args.pred), "gt": str(args.gt)})
+    print(f"{report['n_images']} images, {report['n_gt']} reference and {report['n_pred']} predicted objects")
+    print(f"IoU 0.5: precision {report['precision']:.4f}, recall {report['recall']:.4f}, F1 {report['f1']:.4f}, "
+          f"AP {report['ap']:.4f}, PQ {report['pq']:.4f};  SEG {report['seg']:.4f}")
+    print("IoU   " + "  ".join(f"{row['thresh']:.2f}" for row in report["iou_sweep"]))
+    print("F1    " + "  ".join(f"{row['f1']:.2f}" for row in report["iou_sweep"]))
+    print(f"pixel Dice {report['pixel']['dice']:.4f}, object Dice (report 003) {report['object']['dice']:.4f}")
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from cellkit import models
+
+    source = Path(args.input)
+    files = models.image_files(source)
+    out = Path(args.out)
+    folder = source if source.is_dir() else source.parent
+    if out.resolve() == folder.resolve() or (source.is_dir() and folder.resolve() in out.resolve().parents):
+        raise ValueError(f"{out}: refusing to write into the input folder {folder}; choose another --out")
+    _check_output(out, [args.input, args.model])
+    trained = models.load_unet(args.model, precision=args.precision)
+    tile = "auto" if args.tile is None else (None if args.tile == 0 else args.tile)
+    failed: list[Path] = []
+
+    def warn(path: Path, message: str) -> None:
+        failed.append(path)
+        reason = message if message.startswith(str(path)) else f"{path}: {message}"
+        print(f"warning: skipped {reason}", file=sys.stderr, flush=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = models.segment_files(trained, files, out, root=source if source.is_dir() else None, overlay=args.overlay,
+                                tile=tile, progress=not args.quiet, on_error=warn)
+    import pandas as pd
+
+    table = pd.DataFrame(rows, columns=["file", "n_nuclei", "mean_area_px", "height", "width", "labels"])
+    if source.is_dir():
+        table["file"] = [str(Path(f).relative_to(source)) for f in table["file"]]
+    else:
+        table["file"] = [Path(f).name for f in table["file"]]
+    table[["file", "n_nuclei", "mean_area_px"]].to_csv(out / "counts.csv", index=False)
+    total = int(table["n_nuclei"].sum()) if len(table) else 0
+    print(f"segmented {len(rows)} of {len(files)} images: {total} nuclei; label images (16-bit PNG) and "
+          f"counts.csv in {out}")
+    if failed:
+        print(f"error: {len(failed)} of {len(files)} files could not be segmented", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_train_unet(train_commands: argparse._SubParsersAction) -> None:
+    parser = _add_command(
+        train_commands, "unet", _train_unet,
+        "train a U-Net for nucleus segmentation on images with instance masks; writes NAME.keras and NAME.json",
+        "cellkit train unet --data dsb2018 --classes 3 --out models/unet.keras",
+    )
+    parser.add_argument("--data", default="dsb2018", metavar="DIR",
+                        help="dsb2018 (its split on file) or a folder with images/ and labels/ (or masks/) of "
+                             "matching file stems, split 70/10/20 (default: dsb2018)")
+    parser.add_argument("--classes", type=int, choices=(2, 3), default=3,
+                        help="2: nucleus/background, sigmoid + focal loss (report 003); 3: background/cell/edge, "
+                             "weighted cross-entropy (report 002; default)")
+    parser.add_argument("--profile", choices=("default", "full"), default="default",
+                        help="default: 24 filters, 32 epochs of 100 steps of 8 crops (about 25-30 min on 2 idle "
+                             "CPU cores); full: 32 filters, 60 epochs (hours)")
+    parser.add_argument("--epochs", type=int, help="epochs (default: the profile's)")
+    parser.add_argument("--steps-per-epoch", type=int, help="training steps per epoch (default: 100)")
+    parser.add_argument("--base-filters", type=int, help="filters of the first level (default: the profile's)")
+    parser.add_argument("--learning-rate", type=float, help="peak Adam learning rate (default: 2e-3, cosine)")
+    parser.add_argument("--batch-size", type=int, help="crops per step (default: 8)")
+    parser.add_argument("--crop", type=int, help="training crop side in pixels, a multiple of 16 (default: 128)")
+    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="auto: mixed bfloat16 where the CPU supports it (saved models are float32 anyway)")
+    parser.add_argument("--threads", type=int, help="threads inside TensorFlow ops (default: all CPUs)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the split, crops and weights")
+    parser.add_argument("--out", metavar="FILE.keras", help="model file (default: models/unet.keras)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _add_evaluate_segmentation(evaluate_commands: argparse._SubParsersAction) -> None:
+    parser = _add_command(
+        evaluate_commands, "segmentation", _evaluate_segmentation,
+        "score predicted instance masks against reference ones, matched by file stem: F1, AP, PQ, SEG, IoU sweep",
+        "cellkit evaluate segmentation --pred masks/ --gt data/dsb2018_fluo/labels --json scores.json",
+    )
+    parser.add_argument("--pred", required=True, metavar="DIR", help="predicted label images (e.g. cellkit segment)")
+    parser.add_argument("--gt", required=True, metavar="DIR",
+                        help="reference label images, or a dataset folder with labels/ (or masks/)")
+    parser.add_argument("--json", metavar="OUT", help="write every score as JSON")
+
+
+def _add_segment(commands: argparse._SubParsersAction) -> None:
+    parser = _add_command(
+        commands, "segment", _segment,
+        "segment nuclei in an image or a folder (PNG, TIFF 8/16-bit, JPEG; grey or RGB; any size): a 16-bit "
+        "label PNG per image and counts.csv",
+        "cellkit segment --model models/unet.keras --input my_images/ --out masks/ --overlay",
+    )
+    parser.add_argument("--model", required=True, metavar="FILE.keras", help="a model from cellkit train unet")
+    parser.add_argument("--input", required=True, metavar="FILE_OR_DIR",
+                        help="an image, or a folder searched recursively (subfolders are kept in --out)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (never inside the input folder)")
+    parser.add_argument("--overlay", action="store_true", help="also write STEM_overlay.png with outlines")
+    parser.add_argument("--tile", type=int, metavar="PX",
+                        help="tile side for large images, a multiple of 16 (default: the model's, 256; 0: whole "
+                             "images, refused beyond 4 Mpx)")
+    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="auto: mixed bfloat16 where the CPU supports it (about twice as fast)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 # --- the parser --------------------------------------------------------------------------------------
 
 
@@ -153,6 +512,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", nargs="+", metavar="NN", help="notebook numbers or stems to run (default: all)")
     run.add_argument("--cell-timeout", type=int, default=None, help="seconds one cell may take (default: no limit)")
     run.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
+    train = commands.add_parser(
+        "train", help="train a model on your images", description="Train a model on your images.",
+        epilog="example:\n  cellkit train classifier --model cellnet --data pbc28", formatter_class=_Formatter,
+    )
+    train_commands = train.add_subparsers(title="what to train", metavar="KIND", required=True)
+    _add_train_classifier(train_commands)
+    _add_train_unet(train_commands)
+    evaluate = commands.add_parser(
+        "evaluate", help="score a trained model on labelled images", description="Score a trained model.",
+        epilog="example:\n  cellkit evaluate classifier --model models/cellnet.keras --data pbc28 --json out.json",
+        formatter_class=_Formatter,
+    )
+    evaluate_commands = evaluate.add_subparsers(title="what to evaluate", metavar="KIND", required=True)
+    _add_evaluate_classifier(evaluate_commands)
+    _add_evaluate_segmentation(evaluate_commands)
+    _add_classify(commands)
+    _add_segment(commands)
+
     report = _add_command(commands, "report", _report,
                           "the README results table from figures/*/metrics.json and notebooks/results.yml",
                           "cellkit report --write")

@@ -366,6 +366,9 @@ def learning_curves(histories: dict[str, dict[str, Sequence[float]]], title: str
                 best = int(np.nanargmax(history.get("val_accuracy", val)))
                 ax.plot(best + 1, val[best], "o", color=colour, markersize=5)
         ax.set(xlabel="epoch", ylabel=metric, title=metric)
+        if "loss" in metric:
+            ax.set_yscale("log")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
     axes[0, -1].legend(fontsize=7, frameon=False, loc="lower right" if "acc" in metrics[-1] else "best")
@@ -398,7 +401,11 @@ def confusion_heatmap(matrix: Sequence[Sequence[int]], class_names: Sequence[str
 
 
 def roc_curves(y_true: Sequence[int], y_score: np.ndarray, class_names: Sequence[str], title: str = "") -> plt.Figure:
-    """One-vs-rest ROC curve of every class (``y_score`` (n, k) probabilities), its AUC in the legend."""
+    """One-vs-rest ROC curve of every class (``y_score`` (n, k) probabilities), its AUC in the legend.
+
+    The false-positive rate is on a log axis: good classifiers differ at rates of 1e-3..1e-2, invisible on a
+    linear one.
+    """
     from sklearn.metrics import roc_auc_score, roc_curve
 
     y_true = np.asarray(y_true)
@@ -409,8 +416,12 @@ def roc_curves(y_true: Sequence[int], y_score: np.ndarray, class_names: Sequence
             continue
         fpr, tpr, _ = roc_curve(positive, y_score[:, c])
         ax.plot(fpr, tpr, linewidth=1.2, label=f"{name} (AUC {roc_auc_score(positive, y_score[:, c]):.4f})")
-    ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(-0.01, 1), ylim=(0, 1.01))
+    low = 1 / max(2, int(np.max([np.sum(y_true != c) for c in range(len(class_names))])))
+    grid = np.geomspace(low, 1, 50)
+    ax.plot(grid, grid, color="0.7", linestyle=":", linewidth=1, label="chance")
+    ax.set_xscale("log")
+    ax.set(xlabel="false positive rate (log)", ylabel="true positive rate", title=title, xlim=(low, 1),
+           ylim=(0, 1.01))
     ax.legend(fontsize=7, frameon=False, loc="lower right")
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()

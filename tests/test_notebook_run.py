@@ -91,12 +91,17 @@ def test_strip_outputs_removes_outputs(tmp_path):
 
 
 def test_results_table_reads_recorded_headlines(figures):
-    run = notebooks.NotebookRun("01_eda", profile="smoke")
+    run = notebooks.NotebookRun("01_eda", profile="default")
     run.datasets["pbc28:train"] = {"name": "pbc28", "synthetic": False, "path": "x", "n": 3}
     run.finish(metrics={}, headline={"pbc_n_train": 11965, "dsb_median_nuclei_per_image": 21.5})
     table = notebooks.results_table()
-    assert "| 01_eda | PBC-28 training images | 11965 | smoke, pbc28, commit" in table
+    assert "| 01_eda | PBC-28 training images | 11965 | default, pbc28, commit" in table
     assert "| 21.5 |" in table
+
+
+def test_results_table_does_not_show_smoke_numbers(figures):
+    notebooks.NotebookRun("01_eda", profile="smoke").finish(metrics={}, headline={"pbc_n_train": 5})
+    assert "| 01_eda | PBC-28 training images | not measured yet |" in notebooks.results_table()
 
 
 def test_write_results_table_replaces_only_the_marked_part(figures, tmp_path):

@@ -1,0 +1,171 @@
+"""cellkit.models: the report's architectures layer by layer, the registry, and saving with metadata."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from cellkit import models
+from cellkit.datasets import DataError
+
+
+def conv_rows(model):
+    return [row for row in models.layer_table(model) if row["type"] == "Conv2D"]
+
+
+def dense_rows(model):
+    return [row for row in models.layer_table(model) if row["type"] == "Dense"]
+
+
+def test_original_lenet_is_the_reports():
+    model = models.build("lenet-original", n_classes=8, input_size=28)
+    convs = conv_rows(model)
+    assert [(r["filters_or_units"], r["kernel_size"], r["padding"], r["activation"]) for r in convs] == [
+        (6, (5, 5), "valid", "tanh"), (16, (5, 5), "valid", "tanh"),
+    ]
+    assert [(r["filters_or_units"], r["activation"]) for r in dense_rows(model)] == [
+        (120, "tanh"), (84, "tanh"), (8, "softmax"),
+    ]
+    assert [layer.name for layer in model.layers] == ["C1", "S2", "C3", "S4", "Flatten", "C5", "F6", "Output"]
+    # 28 -> 24 -> 12 -> 8 -> 4: 456 + 2416 + (4*4*16*120 + 120) + (120*84 + 84) + (84*8 + 8)
+    assert model.count_params() == 456 + 2416 + 30840 + 10164 + 680
+    # at the report's 48x48: 48 -> 44 -> 22 -> 18 -> 9
+    assert models.build("lenet-original", 8, 48).count_params() == 456 + 2416 + (9 * 9 * 16 * 120 + 120) + 10164 + 680
+
+
+def test_custom_lenet_is_the_reports():
+    model = models.build("lenet", n_classes=8, input_size=28)
+    rows = models.layer_table(model)
+    assert [r["type"] for r in rows] == [
+        "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dense", "Dense",
+    ]
+    assert [(r["filters_or_units"], r["kernel_size"], r["padding"], r["activation"]) for r in conv_rows(model)] == [
+        (32, (3, 3), "same", "relu"), (64, (3, 3), "same", "relu"),
+    ]
+    assert [(r["filters_or_units"], r["activation"]) for r in dense_rows(model)] == [
+        (128, "relu"), (84, "tanh"), (8, "softmax"),
+    ]
+    assert model.count_params() == 896 + 18496 + (7 * 7 * 64 * 128 + 128) + (128 * 84 + 84) + (84 * 8 + 8)
+
+
+def test_custom_alexnet_is_the_reports_at_48():
+    model = models.build("alexnet", n_classes=8)
+    assert model.input_shape == (None, 48, 48, 3)
+    convs = conv_rows(model)
+    assert [r["filters_or_units"] for r in convs] == [96, 256, 384, 384, 256]
+    assert {(r["kernel_size"], r["padding"], r["activation"]) for r in convs} == {((3, 3), "same", "relu")}
+    types = [r["type"] for r in models.layer_table(model)]
+    assert types.count("BatchNormalization") == 2 and types.count("MaxPooling2D") == 3
+    assert [(r["filters_or_units"], r["activation"]) for r in dense_rows(model)] == [
+        (1024, "relu"), (1024, "relu"), (8, "softmax"),
+    ]
+    assert [r["rate"] for r in models.layer_table(model) if r["type"] == "Dropout"] == [0.5, 0.5]
+    convs_params = 2688 + 221440 + 885120 + 1327488 + 884992
+    dense_params = (6 * 6 * 256 * 1024 + 1024) + (1024 * 1024 + 1024) + (1024 * 8 + 8)
+    assert model.count_params() == convs_params + 4 * (96 + 256) + dense_params
+
+
+def test_cellnet_is_small_and_takes_any_size():
+    small = models.build("cellnet", 8, 28)
+    assert small.count_params() < 400_000
+    assert models.build("cellnet", 8, 48).count_params() == small.count_params()  # global pooling
+    assert small.layers[-1].compute_dtype == "float32"
+
+
+def test_registry_is_a_dict_of_builders_with_size_and_scaling():
+    for name, entry in models.REGISTRY.items():
+        assert entry.name == name and entry.preprocessing in models.PREPROCESSING and entry.input_size >= 8
+        assert callable(entry.builder)
+    assert models.DEFAULT_MODEL in models.REGISTRY
+
+
+def test_registry_is_easy_to_extend():
+    def tiny(input_shape, n_classes):
+        keras = models.keras_module()
+        return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),
+                                 keras.layers.Dense(n_classes, activation="softmax")])
+
+    try:
+        models.register(models.ModelSpec("tiny-test", tiny, input_size=12, preprocessing="01"))
+        assert models.build("tiny-test", 3).input_shape == (None, 12, 12, 3)
+    finally:
+        models.REGISTRY.pop("tiny-test", None)
+
+
+def test_unknown_model_and_too_small_input_are_one_line_errors():
+    with pytest.raises(ValueError, match="unknown model 'lenet5'.*lenet-original"):
+        models.spec("lenet5")
+    with pytest.raises(ValueError, match="at least 14x14") as info:
+        models.build("lenet-original", 8, 10)
+    assert "\n" not in str(info.value)
+
+
+def test_prepare_images_any_mode_and_size():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (363, 360, 3), dtype=np.uint8)
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    grey16 = (rgb.mean(axis=2) * 257).astype(np.uint16)
+    thumb = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    out = models.prepare_images([rgb, rgba, grey16, thumb], size=28, crop=200)
+    assert out.shape == (4, 28, 28, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[0], out[1])  # alpha dropped
+    assert np.all(out[2, ..., 0] == out[2, ..., 1])  # grey copied to 3 channels
+    np.testing.assert_array_equal(out[3], thumb)  # already the model's size: unchanged
+    with pytest.raises(DataError, match="grey or RGB"):
+        models.to_uint8_rgb(np.zeros((4, 4, 5), np.uint8))
+
+
+def test_test_time_views_are_the_eight_symmetries():
+    x = np.arange(2 * 3 * 3 * 1).reshape(2, 3, 3, 1)
+    views = {models.view(x, k, f).tobytes() for k, f in models.TTA_VIEWS["dihedral"]}
+    assert len(views) == 8
+    assert len(models.TTA_VIEWS["flips"]) == 4
+
+
+def test_predict_rejects_images_of_the_wrong_shape():
+    model = models.build("lenet", 8, 28)
+    with pytest.raises(ValueError, match=r"takes images of shape \(28, 28, 3\), got \(32, 32, 3\)"):
+        models.predict_proba(model, np.zeros((2, 32, 32, 3), np.uint8))
+
+
+def test_save_load_round_trip_keeps_metadata_and_predictions(tmp_path):
+    keras = models.keras_module()
+    keras.utils.set_random_seed(0)
+    model = models.build("lenet", 3, 28)
+    info = models.ModelInfo("lenet", ["a", "b", "c"], 28, "pm1", crop=200, tta="flips", trained_on="test")
+    path = models.save(model, info, tmp_path / "m.keras", extra={"summary": {"accuracy": 0.5}})
+    with zipfile.ZipFile(path) as archive:
+        assert models.METADATA_ENTRY in archive.namelist()
+    beside = json.loads(models.sidecar_path(path).read_text())
+    assert beside["model_info"]["class_names"] == ["a", "b", "c"] and beside["summary"]["accuracy"] == 0.5
+
+    loaded = models.load(path)
+    assert loaded.info == info
+    images = np.random.default_rng(1).integers(0, 256, (5, 28, 28, 3), dtype=np.uint8)
+    np.testing.assert_allclose(loaded.predict_proba(images), models.predict_proba(model, images, "pm1", "flips"),
+                               atol=1e-5)
+
+
+def test_mixed_precision_models_are_saved_as_float32(tmp_path):
+    keras = models.keras_module()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = models.build("cellnet", 2, 16)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert model.layers[1].compute_dtype == "bfloat16"
+    path = models.save(model, models.ModelInfo("cellnet", ["x", "y"], 16), tmp_path / "bf16.keras")
+    loaded = models.load(path)
+    assert {layer.compute_dtype for layer in loaded.model.layers} == {"float32"}
+
+
+def test_loading_bad_files_is_a_one_line_error(tmp_path):
+    with pytest.raises(DataError, match="no such model file"):
+        models.load(tmp_path / "missing.keras")
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a .keras model file"):
+        models.load(broken)

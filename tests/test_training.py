@@ -1,0 +1,140 @@
+"""cellkit.training: augmentation, recipes, measurements, and a real (tiny) training run on PBC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cellkit import datasets, models, training
+from cellkit.datasets import DataError, ImageSet
+
+
+@pytest.fixture(scope="module")
+def pbc_small(real_data):
+    """A class-balanced slice of PBC-28: 120 training and 30 validation images per class."""
+    rng = np.random.default_rng(0)
+
+    def take(split, per_class):
+        data = datasets.load_pbc28(split)
+        index = np.concatenate([rng.permutation(np.flatnonzero(data.labels == c))[:per_class]
+                                for c in range(len(data.class_names))])
+        return data.subset(np.sort(index))
+
+    return take("train", 120), take("val", 30)
+
+
+def test_dihedral_augmentation_only_moves_pixels_and_is_seeded():
+    images = np.random.default_rng(0).integers(0, 256, (64, 9, 9, 3), dtype=np.uint8)
+    out = training.augment_batch(images, np.random.default_rng(1), "dihedral")
+    assert out.shape == images.shape and out.dtype == np.uint8
+    for before, after in zip(images, out, strict=True):
+        assert any(np.array_equal(models.view(before[None], k, f)[0], after) for k, f in models.TTA_VIEWS["dihedral"])
+    again = training.augment_batch(images, np.random.default_rng(1), "dihedral")
+    np.testing.assert_array_equal(out, again)
+    assert not np.array_equal(out, images)
+
+
+def test_shift_and_flips_keep_shape_and_values():
+    images = np.random.default_rng(0).integers(0, 256, (16, 12, 12, 3), dtype=np.uint8)
+    shifted = training.augment_batch(images, np.random.default_rng(2), "dihedral_shift", max_shift=2)
+    flipped = training.augment_batch(images, np.random.default_rng(2), "flips")
+    assert shifted.shape == flipped.shape == images.shape
+    assert set(np.unique(shifted)) <= set(np.unique(images))
+    np.testing.assert_array_equal(np.sort(flipped.reshape(16, -1), axis=1), np.sort(images.reshape(16, -1), axis=1))
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        training.augment_batch(images, np.random.default_rng(0), "mixup")
+
+
+def test_recipes_come_from_the_registry_and_are_checked():
+    config = training.FitConfig.for_model("lenet-original", epochs=3)
+    assert (config.optimizer, config.learning_rate, config.epochs, config.augment) == ("adam", 1e-3, 3, "none")
+    assert training.FitConfig.for_model("cellnet").augment == "dihedral_shift"
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        training.FitConfig(optimizer="rmsprop")
+
+
+def test_precision_follows_the_cpu_unless_forced():
+    keras = models.keras_module()
+    try:
+        assert training.set_precision("auto") == ("bfloat16" if training.cpu_has_bf16() else "float32")
+        assert training.set_precision("float32") == "float32" and keras.config.dtype_policy().name == "float32"
+        with pytest.raises(ValueError, match="unknown precision"):
+            training.set_precision("float16")
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def test_memory_sampler_sees_an_allocation():
+    with training.MemorySampler(interval=0.01) as memory:
+        block = np.ones(60 * 2**20, np.uint8)  # 60 MiB, touched
+        block[::4096] = 2
+    assert memory.increase_mb > 40 and memory.peak_mb >= memory.start_mb
+
+
+def test_balanced_weights_make_classes_count_equally():
+    labels = np.array([0, 0, 0, 1])
+    weights = training.balanced_weights(labels, 3)
+    assert weights[:3].sum() == pytest.approx(weights[3:].sum())
+
+
+def test_one_epoch_on_real_pbc_beats_chance(pbc_small):
+    train, val = pbc_small
+    run = training.train_classifier("lenet", train, val, input_size=28, crop=200, epochs=1, batch_size=32,
+                                    progress="none", measure_throughput=False)
+    assert run.fit.epochs_run == 1 and len(run.fit.history["val_accuracy"]) == 1
+    assert run.val_report["accuracy"] > 0.3  # chance is 0.125
+    assert run.fit.seconds > 0 and run.fit.peak_rss_mb > 0
+    summary = run.summary()
+    assert summary["params"] == 432_444 and summary["input_size"] == 28
+    assert {"accuracy", "macro_f1", "per_class", "auc_ovr", "confusion_matrix", "n"} <= set(run.val_report)
+
+
+def test_throughput_and_tta_choice(pbc_small):
+    _, val = pbc_small
+    model = models.build("lenet", 8, 28)
+    assert training.throughput(model, val.images[:64], min_seconds=0.2) > 10
+    choice, scores = training.choose_tta(model, val.images[:64], val.labels[:64])
+    assert choice in models.TTA_VIEWS and set(scores) == {"none", "flips", "dihedral"}
+
+
+def test_training_data_from_a_plain_npz_is_split_70_10_20(tmp_path, pbc_small):
+    train, _ = pbc_small
+    path = tmp_path / "cells.npz"
+    np.savez(path, images=train.images, labels=train.labels)
+    data = training.load_training_data(str(path), size=28)
+    assert (len(data.train), len(data.val), len(data.test)) == (672, 96, 192)
+    assert data.crop is None and data.train.class_names[0] == "class_0"
+    assert training.load_training_data("pbc28", 28).crop == 200
+
+
+def test_evaluation_labels_are_matched_to_the_models_classes(pbc_small):
+    train, _ = pbc_small
+    info = models.ModelInfo("lenet", list(train.class_names), 28)
+    renamed = ImageSet(train.images[:8], np.arange(8) % 2, [train.class_names[3], train.class_names[1]])
+    assert training.align_classes(renamed, info.class_names).labels.tolist() == [3, 1] * 4
+    stranger = ImageSet(train.images[:2], np.array([0, 1]), ["basophil", "macrophage"])
+    with pytest.raises(DataError, match="'macrophage' is not one of the model's classes"):
+        training.align_classes(stranger, info.class_names)
+    too_high = ImageSet(train.images[:2], np.array([0, 9]), [f"class_{i}" for i in range(10)])
+    with pytest.raises(DataError, match="label 9 is outside the model's 8 classes"):
+        training.align_classes(too_high, info.class_names)
+
+
+def test_ensemble_averages_the_members_probabilities(pbc_small):
+    _, val = pbc_small
+    members = []
+    for seed in (0, 1):
+        models.keras_module().utils.set_random_seed(seed)
+        trained = models.TrainedModel(models.build("lenet", 8, 28), models.ModelInfo("lenet", val.class_names, 28))
+        members.append(training.TrainingRun(trained, training.FitConfig(), None, {}, None, {}, 0.0, 0))
+    report, proba = training.ensemble_report(members, val)
+    expected = np.mean([m.trained.predict_proba(val.images) for m in members], axis=0)
+    np.testing.assert_allclose(proba, expected, atol=1e-6)
+    assert report["n"] == len(val) and 0 <= report["accuracy"] <= 1
+
+
+def test_early_stopping_waits_for_batch_norm_statistics():
+    # momentum 0.99 needs 299 steps before the running statistics forget their start values
+    assert training.batch_norm_warmup_epochs(models.build("alexnet", 8, 28), steps_per_epoch=94) == 4
+    assert training.batch_norm_warmup_epochs(models.build("cellnet", 8, 28), steps_per_epoch=10) == 3  # 0.9: 29
+    assert training.batch_norm_warmup_epochs(models.build("lenet", 8, 28), steps_per_epoch=10) == 0

@@ -1,0 +1,235 @@
+"""The U-Net (cellkit.models) and its training (cellkit.training) on tiny networks and simulated nuclei."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from cellkit import models, segmentation, synthetic, training
+from cellkit.datasets import DataError
+
+keras = models.keras_module()
+
+
+def test_unet_is_report_003s_configuration():
+    net = models.build_unet(input_channels=1, n_classes=1, base_filters=64)
+    convs = [layer for layer in net.layers if type(layer).__name__ == "Conv2D"]
+    assert [c.filters for c in convs[:10:2]] == [64, 128, 256, 512, 1024]  # doubling per level, then the bottom
+    assert all(c.kernel_size == (3, 3) and c.padding == "same" for c in convs[:-1])
+    assert all(type(c.kernel_initializer).__name__ == "HeNormal" for c in convs[:-1])
+    assert convs[-1].kernel_size == (1, 1) and convs[-1].activation.__name__ == "sigmoid"
+    kinds = [type(layer).__name__ for layer in net.layers]
+    assert kinds.count("BatchNormalization") == len(convs) - 1
+    assert kinds.count("MaxPooling2D") == 4 and kinds.count("Conv2DTranspose") == 4
+    assert {layer.rate for layer in net.layers if type(layer).__name__ == "Dropout"} == {0.05}
+    assert 30e6 < net.count_params() < 32e6  # the classic U-Net's 31 million
+
+
+@pytest.mark.parametrize("n_classes", [1, 3])
+def test_unet_shapes_and_width(n_classes):
+    net = models.build_unet(3, n_classes, base_filters=4)
+    x = np.random.default_rng(0).random((2, 32, 48, 3), dtype=np.float32)
+    y = np.asarray(net(x, training=False))
+    assert y.shape == (2, 32, 48, n_classes)
+    assert y.min() >= 0 and y.max() <= 1
+    if n_classes == 3:
+        np.testing.assert_allclose(y.sum(axis=-1), 1.0, atol=1e-5)
+    # compute grows with the square of the width: parameters roughly x4 per doubling
+    ratio = models.build_unet(3, n_classes, 8).count_params() / net.count_params()
+    assert 3.5 < ratio < 4.1
+
+
+def test_output_stays_float32_under_mixed_precision():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        net = models.build_unet(1, 3, 4)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert net.layers[-1].compute_dtype == "float32" and net.layers[1].compute_dtype == "bfloat16"
+
+
+def test_bad_builder_arguments_are_rejected():
+    with pytest.raises(ValueError):
+        models.build_unet(1, 1, base_filters=0)
+    with pytest.raises(ValueError):
+        models.build_unet(1, 1, dropout=1.0)
+
+
+def test_focal_loss_on_known_cases():
+    loss = models.binary_focal_loss(gamma=2.0, alpha=0.5)
+    y_true = np.array([[[[1.0], [0.0]]]], np.float32)
+    y_pred = np.array([[[[0.9], [0.2]]]], np.float32)
+    expected = np.mean([0.5 * 0.1**2 * -np.log(0.9), 0.5 * 0.2**2 * -np.log(0.8)])
+    assert float(loss(y_true, y_pred)) == pytest.approx(expected, rel=1e-4)
+    # confident and right costs almost nothing; gamma 0 and alpha 0.5 is half the cross-entropy
+    assert float(loss(y_true, np.array([[[[0.999], [0.001]]]], np.float32))) < 1e-6
+    plain = models.binary_focal_loss(gamma=0.0, alpha=0.5)
+    assert float(plain(y_true, y_pred)) == pytest.approx(0.5 * np.mean([-np.log(0.9), -np.log(0.8)]), rel=1e-4)
+
+
+def test_weighted_cross_entropy_on_known_cases():
+    loss = models.weighted_categorical_crossentropy((1.0, 1.0, 5.0))
+    y_true = np.array([[[[0, 0, 1], [1, 0, 0]]]], np.float32)
+    y_pred = np.array([[[[0.2, 0.3, 0.5], [0.7, 0.2, 0.1]]]], np.float32)
+    expected = np.mean([5 * -np.log(0.5), -np.log(0.7)])
+    assert float(keras.ops.mean(loss(y_true, y_pred))) == pytest.approx(expected, rel=1e-5)
+    unweighted = models.weighted_categorical_crossentropy((1.0, 1.0, 1.0))
+    reference = keras.losses.categorical_crossentropy(y_true, y_pred)
+    np.testing.assert_allclose(np.asarray(unweighted(y_true, y_pred)), np.asarray(reference), rtol=1e-5)
+
+
+def test_config_rejects_what_cannot_work():
+    with pytest.raises(ValueError, match="n_classes"):
+        training.UNetConfig(n_classes=2)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        training.UNetConfig(crop=100)
+    with pytest.raises(ValueError, match="augmentation"):
+        training.UNetConfig(augmentation="mystery")
+    with pytest.raises(ValueError, match="channels"):
+        training.UNetConfig(channels=("sobel",))
+
+
+def test_crop_batches_have_the_right_inputs_and_targets():
+    data = synthetic.nuclei_dataset(n_images=3, seed=1)
+    config = training.UNetConfig(crop=64, batch_size=4, base_filters=4)
+    batches = training.CropBatches(training.normalised_images(data), data.labels, config, np.random.default_rng(0))
+    x, y = batches[0]
+    assert x.shape == (4, 64, 64, 3) and y.shape == (4, 64, 64, 3)
+    np.testing.assert_array_equal(y.sum(axis=-1), 1.0)  # one-hot background / cell / edge
+    assert y[..., 2].any() and y[..., 1].any()
+    assert set(np.unique(x[..., 2])) <= {0.0, 1.0}  # Canny edges stay binary under augmentation
+    np.testing.assert_allclose(x[..., 0] + x[..., 1], 1.0, atol=1e-6)  # inverse of the (noisy) original
+    binary = replace_config(config, n_classes=1, channels=("original",), augmentation="none")
+    x1, y1 = training.CropBatches(training.normalised_images(data), data.labels, binary,
+                                  np.random.default_rng(0))[0]
+    assert x1.shape == (4, 64, 64, 1) and y1.shape == (4, 64, 64, 1) and set(np.unique(y1)) <= {0.0, 1.0}
+
+
+def replace_config(config, **changes):
+    from dataclasses import replace
+
+    return replace(config, **changes)
+
+
+def test_stack_from_normalised_matches_the_prediction_input():
+    image = synthetic.nuclei_field(seed=3).fluorescence
+    whole = segmentation.input_stack(image, segmentation.CHANNELS)
+    rebuilt = training.stack_from_normalised(whole[..., 0], segmentation.CHANNELS)
+    np.testing.assert_array_equal(rebuilt, whole)
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    """A 4-filter U-Net trained for 3 x 6 steps on simulated nuclei (eager: no graph tracing)."""
+    train = synthetic.nuclei_dataset(n_images=6, seed=10)
+    val = synthetic.nuclei_dataset(n_images=2, seed=11)
+    test = synthetic.nuclei_dataset(n_images=2, seed=12)
+    config = training.UNetConfig(base_filters=4, crop=64, batch_size=4, epochs=3, steps_per_epoch=6,
+                                 learning_rate=3e-3, val_crops=4, val_crop_size=64, augmentation="report002+rot90")
+    return training.train_unet(train, val, test, config=config, seed=0, progress="none", throughput_seconds=0.2,
+                               keep_test_predictions=True)
+
+
+def test_a_tiny_training_run_lowers_the_loss(tiny_run):
+    history = tiny_run.fit.history
+    assert len(history["loss"]) == 3
+    assert history["loss"][-1] < history["loss"][0]
+    assert tiny_run.fit.seconds > 0 and tiny_run.fit.peak_rss_mb > 0
+    assert tiny_run.fit.precision in ("float32", "bfloat16")
+
+
+def test_a_run_records_scores_postprocessing_and_speed(tiny_run):
+    s = tiny_run.summary()
+    for key in ("val_f1", "val_seg", "test_f1", "test_ap", "test_seg", "mpx_per_s", "train_minutes"):
+        assert s[key] is not None and np.isfinite(s[key]), key
+    assert set(tiny_run.trained.info.postprocess) >= {"seed_threshold", "foreground_threshold", "min_size"}
+    assert tiny_run.postprocess_table and tiny_run.throughput["mpx_per_s"] > 0
+    assert len(tiny_run.test_labels) == 2 and tiny_run.test_labels[0].dtype == np.uint16
+    json.dumps(tiny_run.record())  # JSON-ready
+
+
+def test_any_image_size_is_padded_and_cropped_back(tiny_run):
+    image = synthetic.nuclei_field(shape=(37, 53), n_nuclei=3, seed=5).fluorescence
+    labels, probs = tiny_run.trained.segment(image)
+    assert labels.shape == (37, 53) and probs.shape == (37, 53, 3)
+    rgb = np.dstack([image] * 3)
+    labels_rgb, _ = tiny_run.trained.segment(rgb)
+    np.testing.assert_array_equal(labels_rgb, labels)  # grey copied to RGB segments the same
+    big = synthetic.nuclei_field(shape=(300, 410), seed=6).fluorescence
+    tiled, _ = tiny_run.trained.segment(big)  # more than one 256-pixel tile
+    assert tiled.shape == (300, 410)
+    with pytest.raises(DataError, match="too large"):
+        tiny_run.trained.probabilities(np.zeros((2100, 2100), np.uint8), tile=None)
+
+
+def test_save_load_round_trip_keeps_metadata_and_predictions(tiny_run, tmp_path):
+    path = tiny_run.save(tmp_path / "unet.keras")
+    with zipfile.ZipFile(path) as archive:
+        inside = json.loads(archive.read(models.METADATA_ENTRY))
+    assert inside["kind"] == "unet" and inside["channels"] == list(segmentation.CHANNELS)
+    assert inside["postprocess"] == tiny_run.trained.info.postprocess
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record["summary"]["epochs_run"] == 3 and "iou_sweep" in record["test"]
+    loaded = models.load_unet(path)
+    assert loaded.info == tiny_run.trained.info
+    image = synthetic.nuclei_field(seed=7).fluorescence
+    np.testing.assert_allclose(loaded.probabilities(image), tiny_run.trained.probabilities(image), atol=1e-5)
+    with pytest.raises(DataError, match="not a classifier"):
+        models.load(path)  # the classifier loader says what to use instead
+    again = training.evaluate_saved_unet(path, *[synthetic.nuclei_dataset(n_images=1, seed=s) for s in (11, 12)])
+    assert again.fit.epochs_run == 3 and 0 <= again.test_scores["f1"] <= 1
+
+
+def test_bfloat16_inference_is_close_to_float32(tiny_run):
+    if not training.cpu_has_bf16():
+        pytest.skip("no bfloat16 instructions on this CPU")
+    info = tiny_run.trained.info
+    fast = models.TrainedUNet(models.unet_in_precision(tiny_run.trained.model, info, "bfloat16"), info)
+    image = synthetic.nuclei_field(seed=8).fluorescence
+    assert np.abs(fast.probabilities(image) - tiny_run.trained.probabilities(image)).mean() < 0.02
+
+
+def test_loading_something_else_is_a_one_line_error(tmp_path):
+    with pytest.raises(DataError, match="no such model file"):
+        models.load_unet(tmp_path / "missing.keras")
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a .keras model file"):
+        models.load_unet(tmp_path / "junk.keras")
+    classifier = tmp_path / "lenet.keras"
+    models.save(models.build("lenet", 8), models.ModelInfo("lenet", [str(i) for i in range(8)], 28), classifier)
+    with pytest.raises(DataError, match="not a U-Net"):
+        models.load_unet(classifier)
+
+
+def test_postprocessing_search_finds_perfect_instances_on_perfect_probabilities():
+    data = synthetic.nuclei_dataset(n_images=2, seed=2)
+    probs = [np.eye(3, dtype=np.float32)[segmentation.three_class_target(label)] for label in data.labels]
+    best, table = training.tune_postprocessing(probs, data.labels, 3)
+    scores = models.segmentation_scores(training.instances_from(probs, best), data.labels)
+    assert scores["f1"] > 0.99 and scores["seg"] > 0.95 and len(table) >= 5
+
+
+def test_scores_by_group_pools_within_groups():
+    data = synthetic.nuclei_dataset(n_images=3, seed=4)
+    rows = training.scores_by_group(data.labels, data.labels, ["a", "b", "a"])
+    assert [r["group"] for r in rows] == ["a", "b", "all"] and [r["images"] for r in rows] == [2, 1, 3]
+    assert all(r["f1"] == 1.0 and r["seg"] == 1.0 for r in rows)
+
+
+def test_segmentation_data_from_a_folder(tmp_path):
+    from PIL import Image
+
+    data = synthetic.nuclei_dataset(n_images=5, seed=9)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for name, image, label in zip(data.ids, data.images, data.labels, strict=True):
+        Image.fromarray(image).save(tmp_path / "images" / f"{name}.png")
+        models.write_labels(label, tmp_path / "labels" / f"{name}.png")
+    parts = training.load_segmentation_data(str(tmp_path), seed=0)
+    assert (len(parts.train), len(parts.val), len(parts.test)) == (3, 1, 1)
+    assert sorted(parts.train.ids + parts.val.ids + parts.test.ids) == sorted(data.ids)
+    with pytest.raises(DataError, match="no such folder"):
+        training.load_segmentation_data(str(tmp_path / "nowhere"))
