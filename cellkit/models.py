@@ -40,6 +40,7 @@ import numpy as np
 
 from cellkit import transforms
 from cellkit.datasets import DataError, centre_crop_resize, read_image, to_rgb
+from cellkit.notebooks import json_default
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -505,7 +506,7 @@ def save(model: Any, info: ModelInfo, path: str | Path, extra: dict[str, Any] | 
     with zipfile.ZipFile(path, "a") as archive:
         archive.writestr(METADATA_ENTRY, json.dumps(info.to_dict(), indent=2))
     record = {"model_info": info.to_dict(), **(extra or {})}
-    sidecar_path(path).write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    sidecar_path(path).write_text(json.dumps(record, indent=2, default=json_default) + "\n")
     return path
 
 
@@ -547,16 +548,6 @@ def load(path: str | Path) -> TrainedModel:
         raise DataError(f"{path}: the model has {model.output_shape[-1]} outputs but its metadata names "
                         f"{len(info.class_names)} classes")
     return TrainedModel(model, info)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -850,9 +841,9 @@ def save_unet(model: Any, info: UNetInfo, path: str | Path, extra: dict[str, Any
     model = unet_in_precision(model, info, "float32")
     model.save(path)
     with zipfile.ZipFile(path, "a") as archive:
-        archive.writestr(METADATA_ENTRY, json.dumps(info.to_dict(), indent=2, default=_json_default))
+        archive.writestr(METADATA_ENTRY, json.dumps(info.to_dict(), indent=2, default=json_default))
     record = {"model_info": info.to_dict(), **(extra or {})}
-    sidecar_path(path).write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    sidecar_path(path).write_text(json.dumps(record, indent=2, default=json_default) + "\n")
     return path
 
 

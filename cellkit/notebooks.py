@@ -191,7 +191,7 @@ class NotebookRun:
             "git_commit": git_commit(),
         }
         path = self.figures_dir / "metrics.json"
-        path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+        path.write_text(json.dumps(record, indent=2, default=json_default) + "\n")
         return path
 
 
@@ -215,14 +215,15 @@ def _announce_synthetic(name: str, reason: str) -> None:
     warnings.warn(f"synthetic stand-in data used for {name!r}", stacklevel=3)
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps(..., default=json_default)``: numpy scalars and arrays, and paths, as plain JSON values."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to metrics.json")
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def peak_memory_mb() -> float:
