@@ -23,6 +23,11 @@ test-time augmentation; :func:`load` reads both back with Keras' safe mode on.
 
 Keras is imported on first use, so that ``import cellkit.models`` (e.g. to list the model names, or to
 reject an unknown one) stays fast.
+
+The U-Net section at the end (reports 002, 003): :func:`build_unet`, its two losses, :class:`UNetInfo` and
+:class:`TrainedUNet` (any image in, instance labels out), :func:`save_unet` / :func:`load_unet`, and the file-level
+work of ``cellkit segment`` and ``cellkit evaluate segmentation`` (:func:`segment_files`,
+:func:`evaluate_label_folders`, :func:`segmentation_scores`).
 """
 
 from __future__ import annotations

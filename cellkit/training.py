@@ -16,6 +16,11 @@ What is here
 :func:`choose_tta`          test-time augmentation chosen on the validation split
 :func:`throughput`          inference images per second
 :func:`train_classifier`    all of it for one registered model: what ``cellkit train classifier`` runs
+
+U-Net section (reports 002, 003): :class:`UNetConfig` (a recipe; its defaults are ``cellkit train unet``'s model),
+:class:`CropBatches` (fresh augmented random crops every step), :func:`fit_unet`, :func:`tune_postprocessing`
+(thresholds chosen on validation), :func:`segmentation_throughput` (Mpx/s), :func:`train_unet` (all of it) and
+:func:`load_segmentation_data`.
 """
 
 from __future__ import annotations
