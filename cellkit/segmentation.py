@@ -1,5 +1,6 @@
 """Segmentation: from network output to instances, prediction on any image size, U-Net targets and crops, and the
-classical baseline (Otsu + distance-transform watershed). Reports 002 (3-class U-Net) and 003 (post-processing).
+classical baseline (Otsu + distance-transform watershed), automatic labels from fluorescence, counting and
+single-cell crops. Reports 002 (3-class U-Net), 003 (post-processing, automatic labels, counting), 004 (crops).
 
 No Keras here: a model enters only as a ``predict`` callable, ``(B, h, w, C) float32 -> (B, h, w, K) float32``
 (e.g. ``model.predict`` or a ``tf.function``), so this module loads fast and is tested without TensorFlow.
@@ -21,6 +22,9 @@ No Keras here: a model enters only as a ``predict`` callable, ``(B, h, w, C) flo
 :func:`otsu_watershed`                      the classical baseline, no network
 :func:`remove_small`, :func:`relabel_sequential`
 :func:`single_cell_crops`                   one square 96 x 96 crop per cell (report 004); :func:`crops_from_dataset`
+:func:`automatic_labels`                    labels without annotation: CLAHE + adaptive Otsu (report 003)
+:func:`filter_label_images`                 report 003's rule: drop the emptiest 25 % and the over-full images
+:func:`count_nuclei`                        components, area / typical area, or watershed (report 003, 8.6)
 ==========================================  ==============================================================
 
 Conventions
@@ -55,15 +59,25 @@ from cellkit import transforms
 from cellkit.datasets import DataError
 
 __all__ = [
+    "AUTOLABEL_BOUNDS",
+    "AUTOLABEL_CLAHE",
+    "AUTOLABEL_DIAMETER",
+    "AUTOLABEL_WINDOW",
     "CHANNELS",
-    "CellCrops",
+    "COUNT_METHODS",
     "MAX_UNTILED_PIXELS",
     "THREE_CLASSES",
+    "CellCrops",
+    "automatic_labels",
     "balanced_class_weights",
     "binary_target",
     "class_weight_map",
+    "count_nuclei",
     "crop_to",
     "crops_from_dataset",
+    "equivalent_diameters",
+    "filter_by_diameter",
+    "filter_label_images",
     "input_stack",
     "instances_from_foreground",
     "instances_from_three_class",
@@ -77,6 +91,7 @@ __all__ = [
     "relabel_sequential",
     "remove_small",
     "single_cell_crops",
+    "typical_nucleus_area",
     "watershed_split",
 ]
 
@@ -831,3 +846,141 @@ def _cell_crop(
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     resized = np.clip(cv2.resize(square, (size, size), interpolation=interpolation), 0.0, 1.0)
     return np.repeat(resized[..., None], 3, axis=-1), black
+
+
+# --- automatic labels from fluorescence (report 003) ---------------------------------------------------------
+
+#: Report 003's CellProfiler settings: CLAHE block 127 px, maximum slope 3.0; adaptive Otsu in 20 x 20 px windows
+#: with the threshold bounded to 0.05-1.0 of full scale; objects 5-30 px in diameter.
+AUTOLABEL_CLAHE = {"clip_limit": 3.0, "block_size": 127}
+AUTOLABEL_WINDOW = 20
+AUTOLABEL_BOUNDS = (0.05, 1.0)
+AUTOLABEL_DIAMETER = (5.0, 30.0)
+
+
+def automatic_labels(
+    fluorescence: np.ndarray,
+    clip_limit: float = AUTOLABEL_CLAHE["clip_limit"],
+    block_size: int = AUTOLABEL_CLAHE["block_size"],
+    window: int = AUTOLABEL_WINDOW,
+    bounds: tuple[float, float] = AUTOLABEL_BOUNDS,
+    global_range: tuple[float, float] = (0.7, 1.5),
+    diameter_range: tuple[float, float] | None = AUTOLABEL_DIAMETER,
+    split_touching: bool = True,
+    h: float = OTSU_H,
+) -> np.ndarray:
+    """Report 003's labels without annotation: a nucleus stain image to nucleus instances, with scikit-image and
+    OpenCV only (the report used ImageJ for CLAHE and CellProfiler's IdentifyPrimaryObjects).
+
+    1. Scale: ``uint8`` is used as is; other dtypes are stretched min-max to 0..255 (the report's 32-bit
+       fluorescence was very dark; CLAHE needs the 8-bit range filled to see anything).
+    2. CLAHE (:func:`cellkit.transforms.clahe`): tiles of about ``block_size`` px, maximum slope ``clip_limit``.
+    3. Adaptive Otsu (:func:`cellkit.transforms.local_otsu_mask`): one threshold per ``window`` x ``window`` px
+       block, kept within ``global_range`` times the global Otsu threshold (as CellProfiler does) and within
+       ``bounds`` (fractions of full scale), interpolated between blocks. Holes are filled.
+    4. Objects: with ``split_touching`` (CellProfiler declumps by default) a distance-transform watershed
+       (:func:`watershed_split`, seed height ``h`` px) separates touching nuclei; else connected components
+       (8-neighbours).
+    5. Objects whose equivalent diameter ``sqrt(4 area / pi)`` lies outside ``diameter_range`` (px) are dropped
+       (CellProfiler's "discard objects outside the diameter range"); None keeps all.
+
+    ``fluorescence``: (H, W) bright nuclei on a dark background, or (H, W, C) averaged to grey. Returns ``int32``
+    (H, W) labels 1..N (report 003 kept only the binary mask: ``labels > 0``).
+    """
+    grey = _grey(fluorescence)
+    if grey.size == 0 or grey.min() == grey.max():
+        return np.zeros(grey.shape, np.int32)
+    image8 = grey if grey.dtype == np.uint8 else transforms.as_uint8(percentile_normalise(grey, 0.0, 100.0))
+    enhanced = transforms.clahe(image8, clip_limit=clip_limit, block_size=block_size)
+    mask = ndi.binary_fill_holes(transforms.local_otsu_mask(enhanced, window, bounds, global_range))
+    if split_touching:
+        labels = watershed_split(mask, h=h, sigma=OTSU_DISTANCE_SIGMA, min_size=0)
+    else:
+        labels = ndi.label(mask, structure=_structure(2))[0]
+    return labels.astype(np.int32) if diameter_range is None else filter_by_diameter(labels, diameter_range)
+
+
+def equivalent_diameters(labels: np.ndarray) -> np.ndarray:
+    """``float64`` (max id + 1,): diameter in px of the disc with each id's area, ``sqrt(4 area / pi)`` (0 for
+    absent ids; index 0 is the background's)."""
+    labels = np.asarray(labels)
+    if labels.size and labels.min() < 0:
+        raise DataError("labels must be >= 0 (0 is background)")
+    return np.sqrt(4.0 * np.bincount(labels.ravel().astype(np.int64)) / np.pi)
+
+
+def filter_by_diameter(labels: np.ndarray, diameter_range: tuple[float, float]) -> np.ndarray:
+    """Objects whose equivalent diameter (px, :func:`equivalent_diameters`) lies outside ``diameter_range``
+    (inclusive bounds) set to background; ``int32`` (H, W) renumbered 1..N."""
+    low, high = diameter_range
+    diameters = equivalent_diameters(labels)
+    drop = (diameters < low) | (diameters > high)
+    drop[0] = False
+    out = np.asarray(labels).astype(np.int32, copy=True)
+    out[drop[out]] = 0
+    return relabel_sequential(out)
+
+
+def filter_label_images(
+    labels_list: Sequence[np.ndarray], drop_lowest: float = 0.25, max_foreground: float = 0.5
+) -> np.ndarray:
+    """Report 003's automatic filter of whole label images: which image/label pairs to keep for training.
+
+    Dropped: the ``floor(n * drop_lowest)`` images with the smallest share of nucleus pixels (report 003: the
+    lowest 25 %, mostly nuclei the stain missed), and every image whose share exceeds ``max_foreground``
+    (0.5: more nucleus than background pixels, "almost always segmented noise"). The share, not the count, so
+    that images of different sizes compare; for images of one size the two rank alike. Ties keep input order.
+
+    ``labels_list``: n label images or masks (non-zero = nucleus). Returns ``bool`` (n,), True = keep.
+    """
+    shares = np.array([np.count_nonzero(labels) / max(np.size(labels), 1) for labels in labels_list], np.float64)
+    if not 0 <= drop_lowest < 1:
+        raise ValueError(f"drop_lowest must be in [0, 1), got {drop_lowest}")
+    keep = shares <= max_foreground
+    k = int(len(shares) * drop_lowest)
+    if k:
+        keep[np.argsort(shares, kind="stable")[:k]] = False
+    return keep
+
+
+# --- counting nuclei (report 003, section 8.6) ---------------------------------------------------------------
+
+COUNT_METHODS = ("components", "area", "watershed")
+
+
+def typical_nucleus_area(labels_list: Sequence[np.ndarray]) -> float:
+    """Median area in px of all objects of the instance images ``labels_list`` (the "known area of an average
+    nucleus" report 003 proposes to divide by); NaN if there are none."""
+    areas = [np.bincount(np.asarray(labels).ravel().astype(np.int64))[1:] for labels in labels_list]
+    areas = np.concatenate([a[a > 0] for a in areas] or [np.zeros(0)])
+    return float(np.median(areas)) if areas.size else float("nan")
+
+
+def count_nuclei(
+    mask: np.ndarray, method: str = "components", typical_area: float | None = None, min_size: int = 0
+) -> float:
+    """Number of nuclei in a binary mask (or the non-zero pixels of a label image), three ways (report 003, 8.6):
+
+    - ``components``: connected components (8-neighbours) of at least ``min_size`` px, report 003's count.
+      Touching nuclei count once; a few stray pixels count as a nucleus.
+    - ``area``: nucleus pixels / ``typical_area`` px (not rounded). Clumps cost nothing; wrong when nuclei
+      differ in size from the typical one. ``typical_area`` None uses this mask's own median component area
+      (objects of at least ``min_size`` px), which needs no outside knowledge but is pulled up by clumps.
+    - ``watershed``: objects of :func:`watershed_split` (distance-transform watershed, tuned on DSB 2018) of at
+      least ``min_size`` px.
+
+    Returns the count as ``float``.
+    """
+    if method not in COUNT_METHODS:
+        raise ValueError(f"unknown counting method {method!r}; use {', '.join(COUNT_METHODS)}")
+    mask = _check_map(mask, "mask") > 0
+    if method == "watershed":
+        return float(watershed_split(mask, min_size=min_size).max())
+    components = remove_small(ndi.label(mask, structure=_structure(2))[0], min_size)
+    if method == "components":
+        return float(components.max())
+    if typical_area is None:
+        typical_area = typical_nucleus_area([components])
+    if not typical_area > 0:  # also NaN: a mask without objects
+        return 0.0
+    return float(np.count_nonzero(mask) / typical_area)
