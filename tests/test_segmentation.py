@@ -408,3 +408,95 @@ def test_single_cell_crops_on_simulated_nuclei_and_bad_input():
         seg.single_cell_crops(field.fluorescence, field.labels[:10])
     with pytest.raises(DataError, match="one label image per image"):
         seg.crops_from_dataset([field.fluorescence], [])
+
+
+# --- automatic labels, the label-image filter and counting (report 003) ---
+
+
+def _discs_image(discs, shape=(128, 128), value=200, noise=4, seed=0):
+    """uint8 fluorescence-like image of bright discs (centre, radius) on a dark noisy background, and labels."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(20, noise, shape)
+    labels = np.zeros(shape, np.int32)
+    for k, (centre, radius) in enumerate(discs, start=1):
+        disc = _disc(shape, centre, radius)
+        image[disc] = value + rng.normal(0, noise, int(disc.sum()))
+        labels[disc] = k
+    return np.clip(image, 0, 255).astype(np.uint8), labels
+
+
+def test_equivalent_diameters_and_filter_by_diameter():
+    labels = np.zeros((100, 100), np.int32)
+    labels[_disc(labels.shape, (20, 20), 2)] = 1  # 13 px: diameter 4.07
+    labels[_disc(labels.shape, (50, 50), 8)] = 5  # 197 px: 15.8
+    labels[_disc(labels.shape, (75, 75), 20)] = 9  # 1257 px: 40.0
+    diameters = seg.equivalent_diameters(labels)
+    assert diameters[5] == pytest.approx(np.sqrt(4 * 197 / np.pi)) and 15 < diameters[5] < 17
+    kept = seg.filter_by_diameter(labels, (5, 30))
+    np.testing.assert_array_equal(np.unique(kept), [0, 1])
+    np.testing.assert_array_equal(kept > 0, labels == 5)
+    assert seg.filter_by_diameter(labels, (0, 100)).max() == 3
+
+
+def test_automatic_labels_known_discs():
+    image, labels = _discs_image([((30, 30), 3), ((30, 90), 8), ((85, 60), 20)])  # diameters about 6, 16, 40
+    auto = seg.automatic_labels(image)
+    assert auto.dtype == np.int32 and auto.max() == 2  # the 40 px nucleus is outside report 003's 5-30 px
+    match = metrics.match_instances(auto, np.where(labels == 3, 0, labels))
+    assert match["f1"] == 1.0 and match["mean_iou"] > 0.8
+    wide = seg.automatic_labels(image, diameter_range=(5, 60))
+    assert wide.max() == 3 and metrics.match_instances(wide, labels)["f1"] == 1.0
+    # 16-bit input: stretched to 8 bits first, same objects
+    auto16 = seg.automatic_labels(image.astype(np.uint16) * 3)
+    assert metrics.match_instances(auto16, auto)["f1"] == 1.0
+    assert seg.automatic_labels(np.full((64, 64), 7, np.uint8)).max() == 0
+
+
+def test_automatic_labels_split_touching_nuclei():
+    image, labels = _discs_image([((40, 40), 9), ((40, 57), 9)], shape=(96, 96))  # overlapping discs: a clump
+    merged = seg.automatic_labels(image, split_touching=False, diameter_range=None)
+    split = seg.automatic_labels(image, split_touching=True, diameter_range=None)
+    assert merged.max() == 1 and split.max() == 2
+    assert metrics.match_instances(split, labels)["f1"] == 1.0
+
+
+def test_automatic_labels_on_simulated_fluorescence_agree_with_the_truth():
+    field = synthetic.nuclei_field(shape=(256, 256), seed=4)
+    auto = seg.automatic_labels(field.fluorescence)
+    agreement = metrics.label_agreement([auto], [field.labels])
+    assert agreement["pixel_dice"] > 0.8 and agreement["object_f1"] > 0.7  # radii 6-14 px: inside 5-30 px
+
+
+def test_filter_label_images_drops_the_emptiest_quarter_and_overfull_images():
+    shares = [0.10, 0.02, 0.30, 0.60, 0.05, 0.20, 0.01, 0.15]
+    masks = []
+    for share in shares:
+        mask = np.zeros((10, 100), bool)
+        mask.ravel()[: int(round(share * 1000))] = True
+        masks.append(mask)
+    keep = seg.filter_label_images(masks)
+    # floor(8 * 0.25) = 2 lowest (0.01 and 0.02) and the image with more nucleus than background (0.60)
+    np.testing.assert_array_equal(keep, [True, False, True, False, True, True, False, True])
+    assert seg.filter_label_images(masks, drop_lowest=0.0, max_foreground=1.0).all()
+    assert seg.filter_label_images([]).shape == (0,)
+
+
+def test_count_nuclei_three_ways():
+    labels = np.zeros((80, 80), np.int32)
+    labels[_disc(labels.shape, (20, 20), 6)] = 1
+    labels[_disc(labels.shape, (20, 31), 6) & (labels == 0)] = 2  # touching nucleus 1: one component
+    labels[_disc(labels.shape, (60, 60), 6)] = 3
+    labels[70:72, 5:7] = 4  # a 4-px speck
+    mask = labels > 0
+    assert seg.count_nuclei(mask, "components") == 3.0  # the clump once, the speck once
+    assert seg.count_nuclei(mask, "components", min_size=10) == 2.0
+    assert seg.count_nuclei(mask, "watershed", min_size=10) == 3.0
+    disc_area = float(_disc(labels.shape, (60, 60), 6).sum())
+    by_area = seg.count_nuclei(mask, "area", typical_area=disc_area)
+    assert by_area == pytest.approx(mask.sum() / disc_area) and 2.8 < by_area < 3.2
+    assert seg.count_nuclei(mask, "area", min_size=10) == pytest.approx(mask.sum() / np.median([
+        (labels == 3).sum(), ((labels == 1) | (labels == 2)).sum()]))  # own median component area
+    assert seg.count_nuclei(np.zeros((5, 5), bool), "area") == 0.0
+    assert seg.typical_nucleus_area([labels]) == pytest.approx(np.median(np.bincount(labels.ravel())[1:]))
+    with pytest.raises(ValueError, match="unknown counting method"):
+        seg.count_nuclei(mask, "guess")
