@@ -523,10 +523,15 @@ def build_ui(models_dir: Path) -> Callable[[Any], Any]:
     return page
 
 
-def _message(text: str, kind: str = "danger", id_: str = "") -> Any:
+def _status(result: Any, prompt: str, error_id: str, shown: Callable[[Any], list[Any]]) -> Any:
+    """The status box of a tab: the prompt before an upload, the one-line error, or ``shown(result)``."""
     from shiny import ui
 
-    return ui.div(text, class_=f"alert alert-{kind}", role="alert", id=id_ or None)
+    if result is None:
+        return ui.p(prompt, class_="text-muted")
+    if isinstance(result, str):
+        return ui.div(f"Error: {result}", class_="alert alert-danger", role="alert", id=error_id)
+    return ui.div(*shown(result), class_="alert alert-success")
 
 
 def build_server(models_dir: Path, figures_dir: Path) -> Callable[..., None]:
@@ -610,38 +615,22 @@ def build_server(models_dir: Path, figures_dir: Path) -> Callable[..., None]:
         # --- Classify ----------------------------------------------------------------------------------
         @reactive.calc
         def cls_image():
-            files = input.cls_file()
-            if not files:
-                return None
-            return _upload_or_error(files[0])
+            return _upload_or_error(input.cls_file())
 
         @reactive.calc
         def cls_result():
-            image = cls_image()
-            if image is None or isinstance(image, str):
-                return image
-            if "cls_model" not in input:
-                return f"no classifier found in {models_dir}: {NO_MODELS_HINT}"
-            model = input.cls_model()
-            try:
-                entry = next(e for e in find_models(models_dir)[0] if str(e.path) == model)
-                return classify_image(load_model(entry), image, input.cls_transform())
-            except StopIteration:
-                return f"the model {Path(model).name} is gone; reload the page"
-            except (DataError, ValueError) as error:
-                return f"cannot classify this image: {error}"
+            return _with_model(input, "cls_model", cls_image(), models_dir,
+                               lambda model, image: classify_image(model, image, input.cls_transform()))
 
         @render.ui
         def cls_status():
-            result = cls_result()
-            if result is None:
-                return ui.p("Upload a cell image to classify it.", class_="text-muted")
-            if isinstance(result, str):
-                return _message(f"Error: {result}", id_="cls-error")
-            name, p = result.best
-            return ui.div(ui.h4(f"Predicted class: {name}", id="cls-class"),
-                          ui.p(f"probability {p:.3f}; transformation: {input.cls_transform()}; "
-                               f"{result.seconds * 1000:.0f} ms"), class_="alert alert-success")
+            def shown(result: Classification) -> list[Any]:
+                name, p = result.best
+                return [ui.h4(f"Predicted class: {name}", id="cls-class"),
+                        ui.p(f"probability {p:.3f}; transformation: {input.cls_transform()}; "
+                             f"{result.seconds * 1000:.0f} ms")]
+
+            return _status(cls_result(), "Upload a cell image to classify it.", "cls-error", shown)
 
         @render.plot
         def cls_input():
@@ -661,37 +650,22 @@ def build_server(models_dir: Path, figures_dir: Path) -> Callable[..., None]:
         # --- Segment -----------------------------------------------------------------------------------
         @reactive.calc
         def seg_image():
-            files = input.seg_file()
-            if not files:
-                return None
-            return _upload_or_error(files[0])
+            return _upload_or_error(input.seg_file())
 
         @reactive.calc
         def seg_result():
-            image = seg_image()
-            if image is None or isinstance(image, str):
-                return image
-            if "seg_model" not in input:
-                return f"no U-Net found in {models_dir}: {NO_MODELS_HINT}"
-            try:
-                entry = next(e for e in find_models(models_dir)[0] if str(e.path) == input.seg_model())
-                return segment_image(load_model(entry), image)
-            except StopIteration:
-                return "the U-Net is gone; reload the page"
-            except (DataError, ValueError, MemoryError) as error:
-                return f"cannot segment this image: {error}"
+            return _with_model(input, "seg_model", seg_image(), models_dir, segment_image)
 
         @render.ui
         def seg_status():
-            result = seg_result()
-            if result is None:
-                return ui.p("Upload a fluorescence image of nuclei to segment and count them.", class_="text-muted")
-            if isinstance(result, str):
-                return _message(f"Error: {result}", id_="seg-error")
-            h, w = result.labels.shape
-            mean = f"; mean area {result.areas.mean():.0f} px" if result.count else ""
-            return ui.div(ui.h4(f"{result.count} nuclei", id="seg-count"),
-                          ui.p(f"{w} x {h} pixels{mean}; {result.seconds:.1f} s"), class_="alert alert-success")
+            def shown(result: Segmentation) -> list[Any]:
+                h, w = result.labels.shape
+                mean = f"; mean area {result.areas.mean():.0f} px" if result.count else ""
+                return [ui.h4(f"{result.count} nuclei", id="seg-count"),
+                        ui.p(f"{w} x {h} pixels{mean}; {result.seconds:.1f} s")]
+
+            return _status(seg_result(), "Upload a fluorescence image of nuclei to segment and count them.",
+                           "seg-error", shown)
 
         @render.plot
         def seg_overlay():
@@ -721,14 +695,37 @@ def build_server(models_dir: Path, figures_dir: Path) -> Callable[..., None]:
     return server
 
 
-def _upload_or_error(file_info: dict[str, Any]) -> np.ndarray | str:
-    """The decoded upload, or the one-line reason it was refused (shown in the page)."""
+def _upload_or_error(files: list[dict[str, Any]] | None) -> np.ndarray | str | None:
+    """The decoded upload (the first of Shiny's file infos), the one-line reason it was refused (shown in the
+    page), or None before any upload. Called once per upload: the temporary copy is gone afterwards."""
+    if not files:
+        return None
+    name = files[0].get("name", "the file")
     try:
-        return read_upload(take_upload(file_info))
+        return read_upload(take_upload(files[0]))
     except DataError as error:
-        return f"{file_info.get('name', 'the file')}: {error}"
+        return f"{name}: {error}"
     except OSError as error:
-        return f"{file_info.get('name', 'the file')}: could not read the upload ({error.strerror or error})"
+        return f"{name}: could not read the upload ({error.strerror or error})"
+
+
+def _with_model(input: Any, select_id: str, image: np.ndarray | str | None, models_dir: Path,
+                step: Callable[[Any, np.ndarray], Any]) -> Any:
+    """``step(model, image)`` with the model chosen in select ``select_id``; passes on None and messages, and
+    turns a missing model or bad input into a one-line message."""
+    if image is None or isinstance(image, str):
+        return image
+    what = "classifier" if select_id == "cls_model" else "U-Net"
+    if select_id not in input:
+        return f"no {what} found in {models_dir}: {NO_MODELS_HINT}"
+    chosen = getattr(input, select_id)()
+    entry = next((e for e in find_models(models_dir)[0] if str(e.path) == chosen), None)
+    if entry is None:
+        return f"the model {Path(chosen).name} is gone; reload the page"
+    try:
+        return step(load_model(entry), image)
+    except (DataError, ValueError, MemoryError) as error:
+        return f"cannot use this image with the {what}: {error}"
 
 
 class UploadLimit:
