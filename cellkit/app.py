@@ -26,6 +26,7 @@ import json
 import os
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,13 +151,9 @@ def find_models(folder: str | Path) -> tuple[list[ModelEntry], list[str]]:
 
     entries, problems = [], []
     for path in sorted(Path(folder).glob("*.keras")) if Path(folder).is_dir() else []:
+        kind = model_kind(path)
         try:
-            try:
-                entry = ModelEntry(path, "classifier", models.read_info(path))
-            except DataError as error:
-                if "U-Net" not in str(error):
-                    raise
-                entry = ModelEntry(path, "unet", models.read_unet_info(path))
+            entry = ModelEntry(path, kind, (models.read_unet_info if kind == "unet" else models.read_info)(path))
         except (DataError, ValueError, KeyError) as error:
             problems.append(f"{path.name}: {error}")
             continue
@@ -164,6 +161,19 @@ def find_models(folder: str | Path) -> tuple[list[ModelEntry], list[str]]:
         entry.record = _read_json(side) or {}
         entries.append(entry)
     return entries, problems
+
+
+def model_kind(path: Path) -> str:
+    """``unet`` or ``classifier`` from the metadata inside a ``.keras`` file; a file without readable metadata
+    counts as a classifier, whose reader then says in one line what is wrong with it."""
+    from cellkit import models
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = json.loads(archive.read(models.METADATA_ENTRY))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
+        return "classifier"
+    return "unet" if isinstance(data, dict) and data.get("kind") == models.UNET_KIND else "classifier"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -567,8 +577,10 @@ def build_server(models_dir: Path, figures_dir: Path) -> Callable[..., None]:
             result = picked()
             if result is None:
                 return None
-            table = pd.DataFrame(result.per_class()).T.rename_axis("class").reset_index()
-            return table.round(3)
+            table = pd.DataFrame(result.per_class()).T.rename_axis("class").reset_index().round(3)
+            if "support" in table:
+                table["support"] = table["support"].astype(int)
+            return table
 
         @render.plot
         def perf_confusion():
@@ -783,6 +795,9 @@ def serve(models_dir: str | Path | None = None, host: str = "127.0.0.1", port: i
 
     app = create_app(models_dir, figures_dir)
     print(f"cellkit app on http://{host}:{port} (models: {Path(models_dir or config.models_dir())})", flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: listening on {host}: other machines that reach it can use the app and upload images",
+              flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
