@@ -174,6 +174,39 @@ def test_without_models_the_page_says_how_to_make_them(tmp_path):
     assert "No classifier found" in html and "No U-Net found" in html and "make models" in html
 
 
+class _Inputs(dict):
+    """What the app reads from Shiny's inputs: ``"id" in input`` and ``input.id()``."""
+
+    def __getattr__(self, name):
+        return lambda: self[name]
+
+
+def test_unsupported_images_and_missing_models_become_messages(tmp_path):
+    from cellkit import models
+
+    stack = np.zeros((5, 32, 32), np.uint8)  # a 5-channel image no classifier takes
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.moveaxis(stack, 0, -1), photometric="minisblack", planarconfig="contig")
+    image = cellkit_app.read_upload(buffer.getvalue())
+    assert image.shape == (32, 32, 5)
+
+    def prepare(model, picture):
+        return models.prepare_images([picture], 28, None)
+
+    entry = cellkit_app.ModelEntry(tmp_path / "m.keras", "classifier", None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cellkit_app, "find_models", lambda folder: ([entry], []))
+        patch.setattr(cellkit_app, "load_model", lambda chosen: object())
+        message = cellkit_app._with_model(_Inputs(cls_model=str(entry.path)), "cls_model", image, tmp_path, prepare)
+        assert message == "cannot use this image with the classifier: expected a grey or RGB image, got an array " \
+                          "of shape (32, 32, 5)"
+        gone = cellkit_app._with_model(_Inputs(cls_model="other.keras"), "cls_model", image, tmp_path, prepare)
+        assert gone == "the model other.keras is gone; reload the page"
+    missing = cellkit_app._with_model(_Inputs(), "seg_model", image, tmp_path, prepare)
+    assert missing.startswith(f"no U-Net found in {tmp_path}: make them with `make models`")
+    assert cellkit_app._with_model(_Inputs(), "cls_model", "a message", tmp_path, prepare) == "a message"
+
+
 def test_cli_app_refuses_a_missing_models_folder(tmp_path, capsys):
     assert cli.main(["app", "--models", str(tmp_path / "nowhere")]) == cli.EXIT_BAD_INPUT
     assert capsys.readouterr().err.strip().endswith("no such folder of models")
