@@ -20,6 +20,7 @@ No Keras here: a model enters only as a ``predict`` callable, ``(B, h, w, C) flo
 :func:`predict_instances`                   image -> input stack -> tiled prediction -> instances
 :func:`otsu_watershed`                      the classical baseline, no network
 :func:`remove_small`, :func:`relabel_sequential`
+:func:`single_cell_crops`                   one square 96 x 96 crop per cell (report 004); :func:`crops_from_dataset`
 ==========================================  ==============================================================
 
 Conventions
@@ -55,12 +56,14 @@ from cellkit.datasets import DataError
 
 __all__ = [
     "CHANNELS",
+    "CellCrops",
     "MAX_UNTILED_PIXELS",
     "THREE_CLASSES",
     "balanced_class_weights",
     "binary_target",
     "class_weight_map",
     "crop_to",
+    "crops_from_dataset",
     "input_stack",
     "instances_from_foreground",
     "instances_from_three_class",
@@ -73,6 +76,7 @@ __all__ = [
     "random_crops",
     "relabel_sequential",
     "remove_small",
+    "single_cell_crops",
     "watershed_split",
 ]
 
@@ -672,3 +676,158 @@ def otsu_watershed(
         return np.zeros(grey.shape, np.int32)
     mask = ndi.binary_fill_holes(grey > threshold_otsu(grey))
     return watershed_split(mask, h=h, sigma=distance_sigma, min_size=min_size)
+
+
+# --- single-cell crops (report 004) --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CellCrops:
+    """One square crop per kept cell, as report 004 fed them to VGG16 and to clustering.
+
+    ``crops``: (n, size, size, 3) ``float32`` in [0, 1], grey copied to three channels. ``ids``: (n,) ``int64``
+    label id of each crop in its label image. ``areas``: (n,) ``int64`` object area in px. ``image_index``: (n,)
+    ``int64`` index of the source image (all 0 from :func:`single_cell_crops`). ``n_size_outliers`` and
+    ``n_dark``: cells dropped by the size rule and by the black-pixel rule.
+    """
+
+    crops: np.ndarray
+    ids: np.ndarray
+    areas: np.ndarray
+    image_index: np.ndarray
+    n_size_outliers: int = 0
+    n_dark: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def single_cell_crops(
+    image: np.ndarray,
+    labels: np.ndarray,
+    size: int = 96,
+    outlier_fraction: float = 0.05,
+    max_black_fraction: float = 0.5,
+    margin: int = 0,
+    black_level: float = 0.05,
+    mask_outside: bool = True,
+) -> CellCrops:
+    """Report 004's single-cell crops from one image and its instance labels.
+
+    1. Size rule: of the N objects, ``floor(N * outlier_fraction / 2)`` smallest and as many largest (by area,
+       px) are dropped (report 004: the 5 % size outliers, fragments and merged cells).
+    2. Each remaining object's bounding box, grown by ``margin`` px (clipped at the image border), is cut from
+       the image scaled to [0, 1] (:func:`percentile_normalise` over the whole image); with ``mask_outside``
+       the pixels of other objects and background in the box are set to 0 (black).
+    3. Black-pixel rule: a cell whose share of own pixels at or below ``black_level`` (on the [0, 1] scale)
+       exceeds ``max_black_fraction`` is dropped (report 004: empty space taken for a cell).
+    4. The crop is padded to a square with black bars (centred), resized to ``size`` x ``size`` (area
+       interpolation when shrinking, linear when enlarging) and copied to three channels.
+
+    ``image``: (H, W) grey or (H, W, C) (averaged to grey), any numeric dtype. ``labels``: (H, W) non-negative
+    integer instance image (0 background). Returns a :class:`CellCrops` (empty arrays when nothing is kept).
+    """
+    return crops_from_dataset(
+        [image], [labels], size, outlier_fraction, max_black_fraction, margin, black_level, mask_outside
+    )
+
+
+def crops_from_dataset(
+    images: Sequence[np.ndarray],
+    labels_list: Sequence[np.ndarray],
+    size: int = 96,
+    outlier_fraction: float = 0.05,
+    max_black_fraction: float = 0.5,
+    margin: int = 0,
+    black_level: float = 0.05,
+    mask_outside: bool = True,
+) -> CellCrops:
+    """:func:`single_cell_crops` over a set of images, the size rule applied to all their objects together (a
+    per-class rule is this function called once per class). ``image_index`` tells each crop's source image."""
+    if len(images) != len(labels_list):
+        raise DataError(f"need one label image per image, got {len(images)} images and {len(labels_list)} labels")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    if not 0 <= outlier_fraction < 1 or not 0 <= max_black_fraction <= 1 or margin < 0:
+        raise ValueError(
+            f"need 0 <= outlier_fraction < 1, 0 <= max_black_fraction <= 1 and margin >= 0, got "
+            f"{outlier_fraction}, {max_black_fraction}, {margin}"
+        )
+    objects = [_objects(k, image, labels) for k, (image, labels) in enumerate(zip(images, labels_list, strict=True))]
+    index = np.concatenate([np.full(len(ids), k, np.int64) for k, (_, ids, _) in enumerate(objects)] or [[]])
+    ids = np.concatenate([ids for _, ids, _ in objects] or [[]]).astype(np.int64)
+    areas = np.concatenate([areas for _, _, areas in objects] or [[]]).astype(np.int64)
+    inlier = _size_inliers(areas, outlier_fraction)
+    crops, kept = [], []
+    boxes: dict[int, list] = {}  # bounding boxes, found once per image that has a kept object
+    for i in np.flatnonzero(inlier):
+        k, labels = int(index[i]), np.asarray(labels_list[index[i]])
+        if k not in boxes:
+            boxes[k] = ndi.find_objects(labels.astype(np.int64, copy=False))
+        crop, black = _cell_crop(
+            objects[k][0], labels, int(ids[i]), boxes[k][ids[i] - 1], size, margin, black_level, mask_outside
+        )
+        if black <= max_black_fraction:
+            crops.append(crop)
+            kept.append(i)
+    kept = np.asarray(kept, np.int64)
+    return CellCrops(
+        crops=np.stack(crops) if crops else np.zeros((0, size, size, 3), np.float32),
+        ids=ids[kept],
+        areas=areas[kept],
+        image_index=index[kept],
+        n_size_outliers=int((~inlier).sum()),
+        n_dark=int(inlier.sum() - len(kept)),
+    )
+
+
+def _objects(k: int, image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image scaled to [0, 1] grey (H, W) float32, object ids (n,), areas (n,) px) of one image/label pair."""
+    grey, labels = _grey(image), np.asarray(labels)
+    if labels.ndim != 2 or grey.shape != labels.shape:
+        raise DataError(f"image {k} is {grey.shape} but its labels are {labels.shape}; they must match")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"labels of image {k} are negative; 0 is background, objects 1..N")
+    areas = np.bincount(labels.ravel().astype(np.int64)) if labels.size else np.zeros(1, np.int64)
+    ids = np.flatnonzero(areas)
+    ids = ids[ids > 0]
+    return percentile_normalise(grey), ids, areas[ids]
+
+
+def _size_inliers(areas: np.ndarray, fraction: float) -> np.ndarray:
+    """``bool`` (n,): False for the ``floor(n * fraction / 2)`` smallest and as many largest areas (ties by order)."""
+    keep = np.ones(len(areas), bool)
+    k = int(len(areas) * fraction / 2)
+    if k > 0:
+        order = np.argsort(areas, kind="stable")
+        keep[order[:k]] = False
+        keep[order[-k:]] = False
+    return keep
+
+
+def _cell_crop(
+    grey: np.ndarray,
+    labels: np.ndarray,
+    label_id: int,
+    bbox: tuple[slice, slice],
+    size: int,
+    margin: int,
+    black_level: float,
+    mask_outside: bool,
+) -> tuple[np.ndarray, float]:
+    """(crop (size, size, 3) float32, share of the object's pixels at or below ``black_level``) of one object
+    whose bounding box is ``bbox`` (``ndi.find_objects``), grown by ``margin`` px within the image."""
+    top, bottom = max(bbox[0].start - margin, 0), min(bbox[0].stop + margin, labels.shape[0])
+    left, right = max(bbox[1].start - margin, 0), min(bbox[1].stop + margin, labels.shape[1])
+    box, box_own = grey[top:bottom, left:right], labels[top:bottom, left:right] == label_id
+    black = float(np.mean(box[box_own] <= black_level))
+    if mask_outside:
+        box = np.where(box_own, box, np.float32(0))
+    height, width = box.shape
+    side = max(height, width)
+    square = np.zeros((side, side), np.float32)
+    y, x = (side - height) // 2, (side - width) // 2
+    square[y : y + height, x : x + width] = box
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    resized = np.clip(cv2.resize(square, (size, size), interpolation=interpolation), 0.0, 1.0)
+    return np.repeat(resized[..., None], 3, axis=-1), black
