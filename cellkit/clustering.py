@@ -11,6 +11,7 @@ them. Keras is imported only inside :func:`penultimate_embeddings`, so the rest 
 :func:`median_gamma`                        the RBF kernel width from the median pairwise distance
 :func:`nystroem_pca`, :func:`kernel_pca`    kernel PCA, approximated (linear in n) or exact (cubic in n)
 :func:`cluster`                             k-means++, Gaussian mixture or agglomerative (Ward) labels
+:func:`silhouette`                          mean silhouette of a clustering (on a sample of cells)
 :func:`k_curves`                            within-cluster sum of squares (elbow) and silhouette over k
 :func:`choose_k`                            the k of the highest silhouette
 :func:`agreement`, :func:`compare`          ARI and NMI against known classes, per embedding x method
@@ -32,6 +33,7 @@ include NumPy arrays, during the fit).
 
 from __future__ import annotations
 
+import functools
 import time
 import tracemalloc
 from collections.abc import Callable, Mapping, Sequence
@@ -46,11 +48,27 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.mixture import GaussianMixture
+from threadpoolctl import threadpool_limits
 
 from cellkit.datasets import DataError
 
 #: Clustering methods of :func:`cluster`.
 METHODS = ("kmeans++", "gmm", "agglomerative")
+
+
+def one_openmp_thread(function: Callable) -> Callable:
+    """Run ``function`` with scikit-learn's OpenMP code (k-means, t-SNE, silhouette) on one thread.
+
+    OpenMP threads spin while they wait for each other; on a CPU shared with other jobs, k-means and t-SNE ran
+    10 to 30 times slower on two threads than on one (measured on a busy 2-core machine). BLAS is not limited.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with threadpool_limits(limits=1, user_api="openmp"):
+            return function(*args, **kwargs)
+
+    return wrapper
 
 
 # --- embeddings ------------------------------------------------------------------------------------------
@@ -146,6 +164,7 @@ def kernel_pca(X: np.ndarray, gamma: float, n_components: int = 32, seed: int = 
 # --- clustering ------------------------------------------------------------------------------------------
 
 
+@one_openmp_thread
 def cluster(X: np.ndarray, method: str, k: int, seed: int = 0) -> np.ndarray:
     """Cluster labels (n,) int64 in 0..k-1.
 
@@ -167,6 +186,16 @@ def cluster(X: np.ndarray, method: str, k: int, seed: int = 0) -> np.ndarray:
     raise DataError(f"unknown clustering method {method!r}; use one of {', '.join(METHODS)}")
 
 
+@one_openmp_thread
+def silhouette(X: np.ndarray, labels: Sequence[int], sample: int = 2000, seed: int = 0) -> float:
+    """Mean silhouette of a clustering, -1..1 (higher: compact, separated clusters), on at most ``sample`` cells
+    chosen with ``seed`` (its cost grows as n^2); NaN when there is only one cluster."""
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(silhouette_score(X, labels, sample_size=min(sample, len(X)), random_state=seed))
+
+
+@one_openmp_thread
 def k_curves(X: np.ndarray, ks: Sequence[int], seed: int = 0, silhouette_sample: int = 2000) -> pd.DataFrame:
     """The elbow and silhouette curves of k-means++ over ``ks``.
 
@@ -178,8 +207,8 @@ def k_curves(X: np.ndarray, ks: Sequence[int], seed: int = 0, silhouette_sample:
     rows = []
     for k in ks:
         km = KMeans(n_clusters=int(k), init="k-means++", n_init=10, random_state=seed).fit(X)
-        sil = silhouette_score(X, km.labels_, sample_size=min(silhouette_sample, len(X)), random_state=seed)
-        rows.append({"k": int(k), "wcss": float(km.inertia_), "silhouette": float(sil)})
+        rows.append({"k": int(k), "wcss": float(km.inertia_),
+                     "silhouette": silhouette(X, km.labels_, silhouette_sample, seed)})
     return pd.DataFrame(rows).set_index("k")
 
 
@@ -194,6 +223,7 @@ def agreement(truth: Sequence[int], labels: Sequence[int]) -> dict[str, float]:
     return {"ari": float(adjusted_rand_score(truth, labels)), "nmi": float(normalized_mutual_info_score(truth, labels))}
 
 
+@one_openmp_thread
 def compare(embeddings: Mapping[str, np.ndarray], methods: Sequence[str], k: int, truth: Sequence[int],
             seed: int = 0, silhouette_sample: int = 2000) -> tuple[pd.DataFrame, dict[tuple[str, str], np.ndarray]]:
     """Every embedding x method at ``k`` clusters, scored against ``truth``.
@@ -208,10 +238,8 @@ def compare(embeddings: Mapping[str, np.ndarray], methods: Sequence[str], k: int
             started = time.perf_counter()
             found = cluster(X, method, k, seed)
             seconds = time.perf_counter() - started
-            sil = silhouette_score(X, found, sample_size=min(silhouette_sample, len(X)), random_state=seed) \
-                if len(np.unique(found)) > 1 else np.nan
             rows.append({"embedding": name, "method": method, **agreement(truth, found),
-                         "silhouette": float(sil), "seconds": seconds})
+                         "silhouette": silhouette(X, found, silhouette_sample, seed), "seconds": seconds})
             labels[(name, method)] = found
     return pd.DataFrame(rows).set_index(["embedding", "method"]), labels
 
@@ -225,6 +253,7 @@ def contingency(truth: Sequence[int], labels: Sequence[int], class_names: Sequen
     return pd.DataFrame(table, index=list(class_names), columns=[f"c{j}" for j in range(k)])
 
 
+@one_openmp_thread
 def tsne_map(X: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
     """A 2-D t-SNE map (n, 2) for plots. Distances between far-apart groups in it mean little; only who sits
     next to whom does. Runs on the first 50 principal components when X is wider, as is customary."""

@@ -963,7 +963,7 @@ def nucleus_table(data: SegmentationSet) -> pd.DataFrame:
 #: Columns of :func:`nucleus_morphology` that describe a nucleus (the rest identify it).
 MORPHOLOGY_COLUMNS = (
     "area_px", "perimeter_px", "circularity", "major_axis_px", "minor_axis_px", "eccentricity", "solidity",
-    "extent", "relative_intensity", "intensity_cv",
+    "extent", "relative_area", "relative_intensity", "intensity_cv",
 )  # fmt: skip
 
 
@@ -980,6 +980,8 @@ def nucleus_morphology(data: SegmentationSet) -> pd.DataFrame:
     - ``major_axis_px``, ``minor_axis_px``, ``eccentricity`` of the ellipse with the same second moments;
     - ``solidity`` (area over convex hull area: low for kidney shapes or two touching nuclei), ``extent``
       (area over bounding box area);
+    - ``relative_area``: area over the median area of its image's nuclei (1 = typical for its image, so that
+      images at different magnifications compare);
     - ``relative_intensity``: mean grey level of the nucleus over the median of that over its image's nuclei
       (1 = typical for its image, so stains and exposures of different images compare);
     - ``intensity_cv``: standard deviation over mean of its grey levels (texture: uniform vs speckled).
@@ -1004,6 +1006,7 @@ def nucleus_morphology(data: SegmentationSet) -> pd.DataFrame:
                 "circularity": 4 * np.pi * table["area"] / table["perimeter"] ** 2,
                 "major_axis_px": table["axis_major_length"], "minor_axis_px": table["axis_minor_length"],
                 "eccentricity": table["eccentricity"], "solidity": table["solidity"], "extent": table["extent"],
+                "relative_area": table["area"] / table["area"].median(),
                 "relative_intensity": table["intensity_mean"] / table["intensity_mean"].median(),
                 "intensity_cv": table["intensity_std"] / table["intensity_mean"],
             }))  # fmt: skip
