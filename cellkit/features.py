@@ -984,7 +984,8 @@ def nucleus_morphology(data: SegmentationSet) -> pd.DataFrame:
       images at different magnifications compare);
     - ``relative_intensity``: mean grey level of the nucleus over the median of that over its image's nuclei
       (1 = typical for its image, so stains and exposures of different images compare);
-    - ``intensity_cv``: standard deviation over mean of its grey levels (texture: uniform vs speckled).
+    - ``intensity_cv``: standard deviation over mean of its grey levels (texture: uniform vs speckled);
+    - ``on_border``: True when the object touches the image border (its outline is then partly the border's).
     """
     from skimage.measure import regionprops_table
 
@@ -1009,8 +1010,9 @@ def nucleus_morphology(data: SegmentationSet) -> pd.DataFrame:
                 "relative_area": table["area"] / table["area"].median(),
                 "relative_intensity": table["intensity_mean"] / table["intensity_mean"].median(),
                 "intensity_cv": table["intensity_std"] / table["intensity_mean"],
+                "on_border": np.isin(table["label"], _border_ids(labels)),
             }))  # fmt: skip
-    columns = ["image_index", "image_id", "group", "label", *MORPHOLOGY_COLUMNS]
+    columns = ["image_index", "image_id", "group", "label", *MORPHOLOGY_COLUMNS, "on_border"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 

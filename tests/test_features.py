@@ -227,3 +227,6 @@ def test_nucleus_morphology_of_two_squares():
     np.testing.assert_allclose(table["eccentricity"], 0.0, atol=1e-12)  # a square's inertia ellipse is a circle
     np.testing.assert_allclose(table["intensity_cv"], 0.0, atol=1e-12)
     assert set(features.MORPHOLOGY_COLUMNS) <= set(table.columns)
+    assert not table["on_border"].any()
+    labels[0, 0] = 7
+    assert features.nucleus_morphology(data)["on_border"].tolist() == [False, False, True]
