@@ -1,4 +1,5 @@
-"""Classifiers: the report's LeNets and AlexNet, this repository's small CNN, one registry, saving with metadata.
+"""Classifiers: report 001's LeNets and AlexNet, this repository's small CNN, report 000's basic CNN, ResNet-18,
+ResNet-50 and a small ViT, one registry, saving with metadata.
 
 Every classifier is registered in :data:`REGISTRY` under a command-line name with a builder
 ``builder(input_shape, n_classes) -> keras.Model``, its default input size, the pixel scaling it expects

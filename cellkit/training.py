@@ -17,6 +17,10 @@ What is here
 :func:`throughput`          inference images per second
 :func:`train_classifier`    all of it for one registered model: what ``cellkit train classifier`` runs
 
+Report 000's study (notebook 05): :data:`STUDY_INPUTS` (raw, normalised, augmented, Gaussian blur, Canny, Sobel,
+cell mask), :func:`kfold_indices` (stratified, seeded), :func:`cross_validate` (one model x input over k folds, with
+time, memory and throughput per fold) and :func:`study_table` (mean and spread over folds).
+
 U-Net section (reports 002, 003): :class:`UNetConfig` (a recipe; its defaults are ``cellkit train unet``'s model),
 :class:`CropBatches` (fresh augmented random crops every step), :func:`fit_unet`, :func:`tune_postprocessing`
 (thresholds chosen on validation), :func:`segmentation_throughput` (Mpx/s), :func:`train_unet` (all of it) and
