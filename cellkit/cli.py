@@ -141,9 +141,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
 
     entry = models.spec(args.model)  # a one-line error for an unknown name, before TensorFlow loads
     size = args.size or entry.input_size
-    if size < entry.min_size:
-        raise ValueError(f"model {entry.name!r} needs inputs of at least {entry.min_size}x{entry.min_size} "
-                         f"pixels, got --size {size}")
+    entry.check_size(size)
     out = Path(args.out) if args.out else config.models_dir() / f"{entry.name}.keras"
     if out.suffix != ".keras":
         raise ValueError(f"{out}: the model file must end in .keras")
