@@ -722,6 +722,8 @@ class UNetInfo:
     postprocess : keyword arguments of :func:`cellkit.segmentation.probs_to_instances`, tuned on validation.
     tile, overlap : tile size and overlap in pixels of :func:`cellkit.segmentation.predict_tiled`.
     trained_on : a description of the training data.
+    nucleus_diameter : median nucleus diameter in px the network was trained at; each image is zoomed so that
+        its nuclei (estimated by :func:`cellkit.segmentation.estimate_diameter`) have it. None: no zoom.
     """
 
     n_classes: int
@@ -737,6 +739,7 @@ class UNetInfo:
     tile: int = 256
     overlap: int = 32
     trained_on: str = ""
+    nucleus_diameter: float | None = None
     kind: str = UNET_KIND
     model: str = "unet"
     format_version: int = METADATA_VERSION
@@ -792,15 +795,29 @@ class TrainedUNet:
         low, high = self.info.normalise
         return segmentation.input_stack(image, self.info.channels, low, high, tuple(self.info.canny_thresholds))
 
-    def probabilities(self, image: np.ndarray, tile: int | None | str = "auto", batch_size: int = 4) -> np.ndarray:
-        """Per-pixel probabilities (H, W, K) of any-sized ``image``: tiled with overlap as recorded
-        (``tile`` overrides it; None predicts the whole image in one piece, for images up to
-        :data:`cellkit.segmentation.MAX_UNTILED_PIXELS`)."""
+    def scale(self, image: np.ndarray) -> float:
+        """The zoom applied to ``image`` before the network: nuclei to the recorded ``nucleus_diameter`` (their
+        diameter estimated without a network, :func:`cellkit.segmentation.estimate_diameter`), 1.0 without one."""
+        from cellkit import segmentation
+
+        if self.info.nucleus_diameter is None:
+            return 1.0
+        return segmentation.scale_factor(segmentation.estimate_diameter(image), self.info.nucleus_diameter)
+
+    def probabilities(self, image: np.ndarray, tile: int | None | str = "auto", batch_size: int = 4,
+                      scale: float | str = "auto") -> np.ndarray:
+        """Per-pixel probabilities (H, W, K) of any-sized ``image`` (H, W[, C]): zoomed by ``scale`` (``auto``:
+        :meth:`scale`), tiled with overlap as recorded (``tile`` overrides it; None predicts the whole image in
+        one piece, for images up to :data:`cellkit.segmentation.MAX_UNTILED_PIXELS`), resized back to (H, W)."""
         from cellkit import segmentation
 
         tile = self.info.tile if tile == "auto" else tile
-        return segmentation.predict_tiled(self.stack(image), self.predict_batch, tile=tile, overlap=self.info.overlap,
-                                          batch_size=batch_size, multiple=unet_multiple(self.info.depth))
+        factor = self.scale(image) if scale == "auto" else float(scale)
+        zoomed = segmentation.zoom(image, factor)
+        probs = segmentation.predict_tiled(self.stack(zoomed), self.predict_batch, tile=tile,
+                                           overlap=self.info.overlap, batch_size=batch_size,
+                                           multiple=unet_multiple(self.info.depth))
+        return segmentation.resize_to(probs, np.shape(image)[:2])
 
     def instances(self, probs: np.ndarray, **overrides: Any) -> np.ndarray:
         """Instance labels (H, W) int32 from probabilities, with the recorded post-processing (``overrides``
