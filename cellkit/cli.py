@@ -380,6 +380,7 @@ def _segment(args: argparse.Namespace) -> int:
         raise ValueError(f"{out}: refusing to write into the input folder {folder}; choose another --out")
     _check_output(out, [args.input, args.model])
     trained = models.load_unet(args.model, precision=args.precision)
+    trained.flips = args.flips
     tile = "auto" if args.tile is None else (None if args.tile == 0 else args.tile)
     failed: list[Path] = []
 
@@ -461,6 +462,8 @@ def _add_segment(commands: argparse._SubParsersAction) -> None:
                         help="an image, or a folder searched recursively (subfolders are kept in --out)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (never inside the input folder)")
     parser.add_argument("--overlay", action="store_true", help="also write STEM_overlay.png with outlines")
+    parser.add_argument("--flips", action="store_true",
+                        help="average the predictions of the image and its three flips (4x slower, slightly better)")
     parser.add_argument("--tile", type=int, metavar="PX",
                         help="tile side for large images, a multiple of 16 (default: the model's, 512; 0: whole "
                              "images, refused beyond 4 Mpx)")

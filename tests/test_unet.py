@@ -178,6 +178,21 @@ def test_any_image_size_is_padded_and_cropped_back(tiny_run):
     factor = tiny_run.trained.scale(big)
     assert factor == segmentation.scale_factor(segmentation.estimate_diameter(big), 16.0) and factor != 1.0
     assert tiny_run.trained.probabilities(big, scale=0.5).shape == (300, 410, 3)
+
+
+def test_flip_averaging_is_the_mean_of_the_flipped_predictions(tiny_run):
+    image = synthetic.nuclei_field(shape=(64, 80), n_nuclei=4, seed=7).fluorescence
+    unet = tiny_run.trained
+    stack = unet.stack(image)  # the input channels are made once; the flips are of the input stack
+    views = []
+    for flip in ((1, 1), (-1, 1), (1, -1), (-1, -1)):
+        view = np.ascontiguousarray(stack[::flip[0], ::flip[1]])
+        pred = segmentation.predict_tiled(view, unet.predict_batch, tile=unet.info.tile, overlap=unet.info.overlap)
+        views.append(pred[::flip[0], ::flip[1]])
+    assert not np.allclose(views[0], views[3], atol=1e-3)  # the network does see the flips differently
+    averaged = unet.probabilities(image, scale=1.0, flips=True)
+    np.testing.assert_allclose(averaged, np.mean(views, axis=0), atol=1e-5)
+    np.testing.assert_allclose(averaged.sum(axis=-1), 1.0, atol=1e-5)
     with pytest.raises(DataError, match="too large"):
         tiny_run.trained.probabilities(np.zeros((2100, 2100), np.uint8), tile=None)
 
