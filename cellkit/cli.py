@@ -379,6 +379,7 @@ def _segment(args: argparse.Namespace) -> int:
         raise ValueError(f"{out}: refusing to write into the input folder {folder}; choose another --out")
     _check_output(out, [args.input, args.model])
     trained = models.load_unet(args.model, precision=args.precision)
+    trained.flips = args.flips
     tile = "auto" if args.tile is None else (None if args.tile == 0 else args.tile)
     failed: list[Path] = []
 
@@ -420,8 +421,8 @@ def _add_train_unet(train_commands: argparse._SubParsersAction) -> None:
                         help="2: nucleus/background, sigmoid + focal loss (report 003); 3: background/cell/edge, "
                              "weighted cross-entropy (report 002; default)")
     parser.add_argument("--profile", choices=("default", "full"), default="default",
-                        help="default: 24 filters, 32 epochs of 100 steps of 8 crops (about 25-30 min on 2 idle "
-                             "CPU cores); full: 32 filters, 60 epochs (hours)")
+                        help="default: 16 filters, 16 epochs of 100 steps of 8 crops, images zoomed to 16-px "
+                             "nuclei (30-50 min on 2 shared CPU cores); full: 32 filters, 60 epochs (hours)")
     parser.add_argument("--epochs", type=int, help="epochs (default: the profile's)")
     parser.add_argument("--steps-per-epoch", type=int, help="training steps per epoch (default: 100)")
     parser.add_argument("--base-filters", type=int, help="filters of the first level (default: the profile's)")
@@ -460,8 +461,10 @@ def _add_segment(commands: argparse._SubParsersAction) -> None:
                         help="an image, or a folder searched recursively (subfolders are kept in --out)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (never inside the input folder)")
     parser.add_argument("--overlay", action="store_true", help="also write STEM_overlay.png with outlines")
+    parser.add_argument("--flips", action="store_true",
+                        help="average the predictions of the image and its three flips (4x slower, slightly better)")
     parser.add_argument("--tile", type=int, metavar="PX",
-                        help="tile side for large images, a multiple of 16 (default: the model's, 256; 0: whole "
+                        help="tile side for large images, a multiple of 16 (default: the model's, 512; 0: whole "
                              "images, refused beyond 4 Mpx)")
     parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
                         help="auto: mixed bfloat16 where the CPU supports it (about twice as fast)")

@@ -20,6 +20,7 @@ No Keras here: a model enters only as a ``predict`` callable, ``(B, h, w, C) flo
 :func:`probs_to_instances`                  either of the above, chosen by the number of output classes
 :func:`predict_instances`                   image -> input stack -> tiled prediction -> instances
 :func:`otsu_watershed`                      the classical baseline, no network
+:func:`estimate_diameter`, :func:`zoom`     nucleus size without a network; rescale images to one nucleus size
 :func:`remove_small`, :func:`relabel_sequential`
 :func:`single_cell_crops`                   one square 96 x 96 crop per cell (report 004); :func:`crops_from_dataset`
 :func:`automatic_labels`                    labels without annotation: CLAHE + adaptive Otsu (report 003)
@@ -66,6 +67,7 @@ __all__ = [
     "CHANNELS",
     "COUNT_METHODS",
     "MAX_UNTILED_PIXELS",
+    "SCALE_LIMITS",
     "THREE_CLASSES",
     "CellCrops",
     "automatic_labels",
@@ -76,11 +78,13 @@ __all__ = [
     "crop_to",
     "crops_from_dataset",
     "equivalent_diameters",
+    "estimate_diameter",
     "filter_by_diameter",
     "filter_label_images",
     "input_stack",
     "instances_from_foreground",
     "instances_from_three_class",
+    "median_diameter",
     "otsu_watershed",
     "pad_to_multiple",
     "percentile_normalise",
@@ -90,9 +94,12 @@ __all__ = [
     "random_crops",
     "relabel_sequential",
     "remove_small",
+    "resize_to",
+    "scale_factor",
     "single_cell_crops",
     "typical_nucleus_area",
     "watershed_split",
+    "zoom",
 ]
 
 #: Channel names :func:`input_stack` knows, in report 002's order.
@@ -984,3 +991,67 @@ def count_nuclei(
     if not typical_area > 0:  # also NaN: a mask without objects
         return 0.0
     return float(np.count_nonzero(mask) / typical_area)
+
+
+# --- object scale: rescale images so that nuclei have about one size -----------------------------------------
+
+#: Limits of :func:`scale_factor`: no image is shrunk more than 8 times or enlarged more than twice.
+SCALE_LIMITS = (0.125, 2.0)
+
+
+def median_diameter(labels: np.ndarray) -> float:
+    """Equivalent diameter in px, 2 sqrt(area / pi), of the median object area of an instance image (H, W);
+    NaN when it has no objects."""
+    areas = np.bincount(np.asarray(labels).ravel())[1:]
+    areas = areas[areas > 0]
+    return float(2 * np.sqrt(np.median(areas) / np.pi)) if areas.size else float("nan")
+
+
+def estimate_diameter(image: np.ndarray) -> float:
+    """Median nucleus diameter in px of a fluorescence image (H, W[, C]), without a network: the
+    :func:`median_diameter` of :func:`otsu_watershed`'s objects (NaN when it finds none). On the 367 DSB 2018
+    train + val images the ratio to the reference masks' median diameter is 0.98 at the median, 0.81-1.17 for
+    90 % of the images."""
+    return median_diameter(otsu_watershed(image))
+
+
+def scale_factor(diameter: float, target: float | None, limits: tuple[float, float] = SCALE_LIMITS) -> float:
+    """The zoom that brings nuclei of ``diameter`` px to ``target`` px, clipped to ``limits``; 1.0 when
+    ``target`` is None or ``diameter`` is unknown (NaN, 0)."""
+    if target is None or not np.isfinite(diameter) or diameter <= 0:
+        return 1.0
+    return float(np.clip(target / diameter, *limits))
+
+
+def zoom(image: np.ndarray, factor: float, labels: bool = False) -> np.ndarray:
+    """``image`` (H, W[, C]) resized by ``factor`` to (round(H f), round(W f)), at least 1 px each way.
+
+    Images: area averaging when shrinking, bilinear when enlarging, returned as ``float32``. ``labels``: an
+    instance image, nearest neighbour, dtype kept (ids unchanged; objects thinner than 1 / f px may vanish).
+    A factor of 1 returns the input unchanged.
+    """
+    if factor <= 0:
+        raise ValueError(f"factor must be > 0, got {factor}")
+    if factor == 1:
+        return image
+    height, width = np.shape(image)[:2]
+    shape = (max(1, round(height * factor)), max(1, round(width * factor)))
+    if labels:
+        rows = np.minimum(((np.arange(shape[0]) + 0.5) / factor).astype(np.int64), height - 1)
+        cols = np.minimum(((np.arange(shape[1]) + 0.5) / factor).astype(np.int64), width - 1)
+        return np.asarray(image)[rows[:, None], cols[None, :]]
+    return resize_to(image, shape, cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+
+
+def resize_to(image: np.ndarray, shape: Sequence[int], interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """``image`` (H, W[, C]) resized to ``shape`` = (H', W') as ``float32`` (bilinear by default; any number of
+    channels, so probabilities (H, W, K) go back to the original image size after a :func:`zoom`)."""
+    image = np.asarray(image, dtype=np.float32)
+    size = (int(shape[1]), int(shape[0]))
+    if image.shape[:2] == tuple(shape[:2]):
+        return image
+    if image.ndim == 3 and image.shape[-1] > 4:  # OpenCV resizes at most 4 channels at once
+        return np.stack([cv2.resize(image[..., k], size, interpolation=interpolation)
+                         for k in range(image.shape[-1])], axis=-1)
+    out = cv2.resize(image, size, interpolation=interpolation)
+    return out[..., None] if image.ndim == 3 and out.ndim == 2 else out

@@ -1042,19 +1042,23 @@ class UNetConfig:
     patience : epochs without a lower validation loss before stopping (0: train all epochs); the weights of the
         epoch with the lowest validation loss are kept either way.
     val_crops, val_crop_size : the fixed validation crops the validation loss is computed on.
-    tile, overlap : tiled prediction of whole images (:func:`cellkit.segmentation.predict_tiled`).
+    tile, overlap : tiled prediction of whole images (:func:`cellkit.segmentation.predict_tiled`), after the zoom.
+    nucleus_diameter : median nucleus diameter in px to train and predict at: each training image is zoomed so
+        that the median diameter of its reference nuclei becomes this, each image to predict by its estimated
+        diameter (:meth:`cellkit.models.TrainedUNet.scale`); DSB's nuclei range from 8 to 94 px, too wide a
+        range for one network with a 128 px crop. None: images are used at their own scale.
     """
 
     n_classes: int = 3
     channels: tuple[str, ...] = ("original", "inverse", "canny")
-    base_filters: int = 24
+    base_filters: int = 16
     depth: int = 4
     dropout: float = 0.05
     batch_norm: bool = True
     crop: int = 128
     batch_size: int = 8
     steps_per_epoch: int = 100
-    epochs: int = 32
+    epochs: int = 16
     learning_rate: float = 2e-3
     schedule: str = "cosine"
     augmentation: str = "report002"
@@ -1066,8 +1070,9 @@ class UNetConfig:
     patience: int = 0
     val_crops: int = 32
     val_crop_size: int = 256
-    tile: int = 256
+    tile: int = 512
     overlap: int = 32
+    nucleus_diameter: float | None = 16.0
 
     def __post_init__(self) -> None:
         from cellkit import segmentation
@@ -1090,6 +1095,8 @@ class UNetConfig:
                                  f"{getattr(self, name)}")
         if self.n_classes == 3 and len(self.class_weights) != 3:
             raise ValueError(f"class_weights needs 3 values (background, cell, edge), got {self.class_weights}")
+        if self.nucleus_diameter is not None and not self.nucleus_diameter > 0:
+            raise ValueError(f"nucleus_diameter must be > 0 px or None, got {self.nucleus_diameter}")
         if min(self.epochs, self.steps_per_epoch, self.batch_size, self.val_crops) < 1:
             raise ValueError("epochs, steps_per_epoch, batch_size and val_crops must be at least 1")
 
@@ -1201,12 +1208,27 @@ def normalised_images(data: Any, low: float = 1.0, high: float = 99.8) -> list[n
     return [segmentation.input_stack(image, ("original",), low, high)[..., 0] for image in data.images]
 
 
-def validation_crops(data: Any, config: UNetConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed validation crops (inputs, targets): ``config.val_crops`` crops of ``config.val_crop_size`` px,
-    half of them on nuclei, drawn once with ``seed``, without augmentation."""
+def zoomed_images(data: Any, nucleus_diameter: float | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(images, labels) of a SegmentationSet for training: each image zoomed so that the median diameter of its
+    reference nuclei becomes ``nucleus_diameter`` px (:func:`cellkit.segmentation.scale_factor`; None: as they
+    are), then normalised to [0, 1] as :func:`normalised_images` does (after the zoom, as at prediction time)."""
     from cellkit import segmentation
 
-    crops, labels = segmentation.random_crops(normalised_images(data), data.labels, config.val_crops,
+    images, labels = [], []
+    for image, label in zip(data.images, data.labels, strict=True):
+        factor = segmentation.scale_factor(segmentation.median_diameter(label), nucleus_diameter)
+        images.append(segmentation.input_stack(segmentation.zoom(image, factor), ("original",))[..., 0])
+        labels.append(segmentation.zoom(label, factor, labels=True))
+    return images, labels
+
+
+def validation_crops(data: Any, config: UNetConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed validation crops (inputs, targets): ``config.val_crops`` crops of ``config.val_crop_size`` px of
+    the zoomed images (:func:`zoomed_images`), half of them on nuclei, drawn once with ``seed``, without
+    augmentation."""
+    from cellkit import segmentation
+
+    crops, labels = segmentation.random_crops(*zoomed_images(data, config.nucleus_diameter), config.val_crops,
                                               config.val_crop_size, np.random.default_rng(seed), 0.5, None)
     x = np.stack([stack_from_normalised(crop, config.channels) for crop in crops])
     return x, unet_targets(labels, config.n_classes, config.edge_width)
@@ -1303,7 +1325,7 @@ def fit_unet(train: Any, val: Any, config: UNetConfig | None = None, seed: int =
     finally:
         keras.config.set_dtype_policy("float32")
     compile_unet(model, config, run_eagerly=config.epochs * config.steps_per_epoch <= EAGER_MAX_STEPS)
-    batches = CropBatches(normalised_images(train), train.labels, config, rng)
+    batches = CropBatches(*zoomed_images(train, config.nucleus_diameter), config, rng)
     val_x, val_y = validation_crops(val, config, seed + 1)
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=config.patience or config.epochs,
                                             restore_best_weights=True)
@@ -1331,7 +1353,7 @@ def unet_info(config: UNetConfig, postprocess: dict[str, Any] | None = None, tra
                            base_filters=config.base_filters, depth=config.depth, dropout=config.dropout,
                            batch_norm=config.batch_norm, edge_width=config.edge_width,
                            postprocess=dict(postprocess or {}), tile=config.tile, overlap=config.overlap,
-                           trained_on=trained_on)
+                           trained_on=trained_on, nucleus_diameter=config.nucleus_diameter)
 
 
 # --- from probabilities to scores ----------------------------------------------------------------------------

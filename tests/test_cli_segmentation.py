@@ -117,6 +117,10 @@ def test_segment_one_file_and_count_matches_labels(workspace, my_images, tmp_pat
     counts = pd.read_csv(out / "counts.csv")
     assert counts["file"].tolist() == ["plain.png"]
     assert counts["n_nuclei"].iloc[0] == len(np.unique(labels[labels > 0]))
+    flipped = tmp_path / "flips"
+    assert segment("--model", str(workspace["model"]), "--input", str(my_images / "plain.png"), "--out",
+                   str(flipped), "--flips") == 0
+    assert cv2.imread(str(flipped / "plain.png"), cv2.IMREAD_UNCHANGED).shape == labels.shape
 
 
 def test_segment_skips_an_unreadable_file_with_a_warning(workspace, my_images, tmp_path, capsys):

@@ -500,3 +500,63 @@ def test_count_nuclei_three_ways():
     assert seg.typical_nucleus_area([labels]) == pytest.approx(np.median(np.bincount(labels.ravel())[1:]))
     with pytest.raises(ValueError, match="unknown counting method"):
         seg.count_nuclei(mask, "guess")
+
+
+# --- object scale ---
+
+
+def _disks(radius: int, n: int = 3, size: int = 160) -> tuple[np.ndarray, np.ndarray]:
+    """A dark image with ``n`` separate bright disks of ``radius`` px in a row, and their labels."""
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), np.int32)
+    for k in range(n):
+        cy, cx = size // 2, (k + 1) * size // (n + 1)
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = k + 1
+    return np.where(labels > 0, 200, 10).astype(np.uint8), labels
+
+
+def test_median_diameter_is_that_of_the_median_area():
+    labels = np.zeros((40, 40), np.int32)
+    labels[:10, :10], labels[20:30, :20], labels[:10, 20:40], labels[30:40, 20:40] = 1, 2, 3, 4  # 100, 3 x 200
+    assert seg.median_diameter(labels) == pytest.approx(2 * np.sqrt(200 / np.pi))
+    assert np.isnan(seg.median_diameter(np.zeros((5, 5), np.int32)))
+
+
+def test_estimate_diameter_finds_the_disk_size():
+    for radius in (5, 12):
+        image, labels = _disks(radius)
+        assert seg.estimate_diameter(image) == pytest.approx(2 * radius, rel=0.1)
+        assert seg.median_diameter(labels) == pytest.approx(2 * radius, rel=0.05)
+    assert np.isnan(seg.estimate_diameter(np.full((32, 32), 7, np.uint8)))
+
+
+def test_scale_factor_brings_nuclei_to_the_target_within_limits():
+    assert seg.scale_factor(8.0, 16.0) == 2.0
+    assert seg.scale_factor(40.0, 16.0) == pytest.approx(0.4)
+    assert seg.scale_factor(500.0, 16.0) == seg.SCALE_LIMITS[0]
+    assert seg.scale_factor(1.0, 16.0) == seg.SCALE_LIMITS[1]
+    assert seg.scale_factor(float("nan"), 16.0) == 1.0 and seg.scale_factor(20.0, None) == 1.0
+
+
+def test_zoom_labels_and_images_and_back():
+    labels = np.array([[1, 2], [3, 0]], np.uint16)
+    big = seg.zoom(labels, 2.0, labels=True)
+    np.testing.assert_array_equal(big, np.kron(labels, np.ones((2, 2), np.uint16)))
+    assert big.dtype == np.uint16
+    image = np.arange(16, dtype=np.float32).reshape(4, 4)
+    np.testing.assert_allclose(seg.zoom(image, 0.5), [[2.5, 4.5], [10.5, 12.5]])  # means of 2 x 2 blocks
+    assert seg.zoom(image, 1.0) is image
+    assert seg.zoom(np.zeros((101, 33)), 0.3).shape == (30, 10)
+    probs = np.random.default_rng(0).dirichlet([1, 1, 1], size=(30, 40)).astype(np.float32)
+    back = seg.resize_to(probs, (61, 83))
+    assert back.shape == (61, 83, 3) and back.dtype == np.float32
+    np.testing.assert_allclose(back.sum(axis=-1), 1.0, atol=1e-5)  # still probabilities
+    with pytest.raises(ValueError):
+        seg.zoom(image, 0.0)
+
+
+def test_a_zoomed_disk_has_the_target_diameter():
+    image, labels = _disks(20, n=2, size=200)
+    factor = seg.scale_factor(seg.median_diameter(labels), 16.0)
+    assert seg.median_diameter(seg.zoom(labels, factor, labels=True)) == pytest.approx(16.0, rel=0.05)
+    assert seg.zoom(image, factor).shape == (80, 80)

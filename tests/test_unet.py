@@ -90,6 +90,19 @@ def test_config_rejects_what_cannot_work():
         training.UNetConfig(augmentation="mystery")
     with pytest.raises(ValueError, match="channels"):
         training.UNetConfig(channels=("sobel",))
+    with pytest.raises(ValueError, match="nucleus_diameter"):
+        training.UNetConfig(nucleus_diameter=0)
+
+
+def test_training_images_are_zoomed_to_the_nucleus_diameter():
+    data = synthetic.nuclei_dataset(n_images=2, seed=1)
+    images, labels = training.zoomed_images(data, 10.0)
+    for image, label, original in zip(images, labels, data.labels, strict=True):
+        assert segmentation.median_diameter(label) == pytest.approx(10.0, rel=0.05)
+        assert image.shape == label.shape and image.dtype == np.float32 and 0 <= image.min() < image.max() <= 1
+        assert label.shape != original.shape  # the simulated nuclei are not 10 px across
+    same, same_labels = training.zoomed_images(data, None)
+    assert same[0].shape == data.labels[0].shape and same_labels[0] is data.labels[0]
 
 
 def test_crop_batches_have_the_right_inputs_and_targets():
@@ -159,8 +172,27 @@ def test_any_image_size_is_padded_and_cropped_back(tiny_run):
     labels_rgb, _ = tiny_run.trained.segment(rgb)
     np.testing.assert_array_equal(labels_rgb, labels)  # grey copied to RGB segments the same
     big = synthetic.nuclei_field(shape=(300, 410), seed=6).fluorescence
-    tiled, _ = tiny_run.trained.segment(big)  # more than one 256-pixel tile
+    tiled, _ = tiny_run.trained.segment(big, tile=128)  # more than one tile
     assert tiled.shape == (300, 410)
+    assert tiny_run.trained.info.nucleus_diameter == 16.0  # zoomed by the estimated nucleus size, then back
+    factor = tiny_run.trained.scale(big)
+    assert factor == segmentation.scale_factor(segmentation.estimate_diameter(big), 16.0) and factor != 1.0
+    assert tiny_run.trained.probabilities(big, scale=0.5).shape == (300, 410, 3)
+
+
+def test_flip_averaging_is_the_mean_of_the_flipped_predictions(tiny_run):
+    image = synthetic.nuclei_field(shape=(64, 80), n_nuclei=4, seed=7).fluorescence
+    unet = tiny_run.trained
+    stack = unet.stack(image)  # the input channels are made once; the flips are of the input stack
+    views = []
+    for flip in ((1, 1), (-1, 1), (1, -1), (-1, -1)):
+        view = np.ascontiguousarray(stack[::flip[0], ::flip[1]])
+        pred = segmentation.predict_tiled(view, unet.predict_batch, tile=unet.info.tile, overlap=unet.info.overlap)
+        views.append(pred[::flip[0], ::flip[1]])
+    assert not np.allclose(views[0], views[3], atol=1e-3)  # the network does see the flips differently
+    averaged = unet.probabilities(image, scale=1.0, flips=True)
+    np.testing.assert_allclose(averaged, np.mean(views, axis=0), atol=1e-5)
+    np.testing.assert_allclose(averaged.sum(axis=-1), 1.0, atol=1e-5)
     with pytest.raises(DataError, match="too large"):
         tiny_run.trained.probabilities(np.zeros((2100, 2100), np.uint8), tile=None)
 
