@@ -24,6 +24,10 @@ test-time augmentation; :func:`load` reads both back with Keras' safe mode on.
 Keras is imported on first use, so that ``import cellkit.models`` (e.g. to list the model names, or to
 reject an unknown one) stays fast.
 
+The VGG16 section (report 004): :func:`build_vgg16_base` (``keras.applications.VGG16`` without its top; ImageNet
+weights read from disk only, see :func:`vgg16_weights`), :func:`build_transfer_head`, :func:`split_vgg16` and
+:func:`build_vgg16_classifier`; its inputs are scaled with ``caffe`` (:data:`PREPROCESSING`).
+
 The U-Net section at the end (reports 002, 003): :func:`build_unet`, its two losses, :class:`UNetInfo` and
 :class:`TrainedUNet` (any image in, instance labels out), :func:`save_unet` / :func:`load_unet`, and the file-level
 work of ``cellkit segment`` and ``cellkit evaluate segmentation`` (:func:`segment_files`,

@@ -17,6 +17,11 @@ What is here
 :func:`throughput`          inference images per second
 :func:`train_classifier`    all of it for one registered model: what ``cellkit train classifier`` runs
 
+VGG16 transfer section (report 004): :func:`cache_target` (frozen blocks computed once), :func:`transfer_run` (head,
+then fine-tuning block 5, on the cache), :func:`scratch_run` (the same network from random weights, optionally within
+a time budget), :func:`pretrain_source` (an offline source task), :func:`imbalanced_subset` and
+:func:`minority_copies` (class imbalance), :func:`multilabel_scores` (binary relevance or one multi-output head).
+
 U-Net section (reports 002, 003): :class:`UNetConfig` (a recipe; its defaults are ``cellkit train unet``'s model),
 :class:`CropBatches` (fresh augmented random crops every step), :func:`fit_unet`, :func:`tune_postprocessing`
 (thresholds chosen on validation), :func:`segmentation_throughput` (Mpx/s), :func:`train_unet` (all of it) and
