@@ -8,7 +8,9 @@ PROFILE ?= default
 ONLY ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test install lint data-check notebooks-strip clean-figures
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: run test install lint data-check notebooks-strip clean-figures browser models app
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,9 +24,29 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/cellkit run-notebooks --profile $(PROFILE) $(if $(ONLY),--only $(ONLY))
 
-## make test: unit tests, CLI tests, and every notebook in the smoke profile on real data
-test: $(STAMP) data-check
+## make test: unit tests, CLI tests, the app in a browser, and every notebook in the smoke profile on real data
+test: $(STAMP) data-check browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## make browser: Debian's Chromium for the app's browser test (Playwright's own download is not used)
+browser:
+	@test -x $(CHROMIUM) || { export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y --no-install-recommends chromium < /dev/null || \
+	  { apt-get update < /dev/null && apt-get install -y --no-install-recommends chromium < /dev/null; }; }
+	@test -x $(CHROMIUM) || { echo "error: $(CHROMIUM) missing; install Debian's chromium package" >&2; exit 1; }
+
+## make models: the default classifier (about 9 min) and U-Net (about 25-30 min on 2 idle cores) in models/; skips a model that exists
+models: models/cellnet.keras models/unet.keras
+
+models/cellnet.keras: | $(STAMP)
+	$(BIN)/cellkit train classifier --out $@
+
+models/unet.keras: | $(STAMP)
+	$(BIN)/cellkit train unet --out $@
+
+## make app: the interactive app on http://127.0.0.1:8000 (models from models/)
+app: $(STAMP)
+	$(BIN)/cellkit app
 
 data-check: $(STAMP)
 	$(BIN)/cellkit data check

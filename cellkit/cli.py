@@ -11,6 +11,7 @@ cellkit classify --model models/cellnet.keras my_cells/ --csv predictions.csv
 cellkit train unet --data dsb2018 --classes 3 --out models/unet.keras
 cellkit segment --model models/unet.keras --input my_images/ --out masks/ --overlay
 cellkit evaluate segmentation --pred masks/ --gt my_labels/ --json scores.json
+cellkit app --models models/
 """
 
 from __future__ import annotations
@@ -140,9 +141,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
 
     entry = models.spec(args.model)  # a one-line error for an unknown name, before TensorFlow loads
     size = args.size or entry.input_size
-    if size < entry.min_size:
-        raise ValueError(f"model {entry.name!r} needs inputs of at least {entry.min_size}x{entry.min_size} "
-                         f"pixels, got --size {size}")
+    entry.check_size(size)
     out = Path(args.out) if args.out else config.models_dir() / f"{entry.name}.keras"
     if out.suffix != ".keras":
         raise ValueError(f"{out}: the model file must end in .keras")
@@ -469,6 +468,33 @@ def _add_segment(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+# --- cellkit app ---------------------------------------------------------------------------------------
+
+
+def _app(args: argparse.Namespace) -> int:
+    models_dir = Path(args.models) if args.models else None
+    if models_dir is not None and not models_dir.is_dir():
+        raise ValueError(f"{models_dir}: no such folder of models")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+    from cellkit import app
+
+    app.serve(models_dir, host=args.host, port=args.port)
+    return 0
+
+
+def _add_app(commands: argparse._SubParsersAction) -> None:
+    parser = _add_command(
+        commands, "app", _app,
+        "the interactive app in a browser: model performance, comparison, classify and segment uploaded images",
+        "cellkit app --port 8000 --models models/   # then open http://127.0.0.1:8000",
+    )
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument("--models", metavar="DIR", help="folder of .keras models (default: the project's models/)")
+
+
 # --- the parser --------------------------------------------------------------------------------------
 
 
@@ -529,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_segmentation(evaluate_commands)
     _add_classify(commands)
     _add_segment(commands)
+    _add_app(commands)
 
     report = _add_command(commands, "report", _report,
                           "the README results table from figures/*/metrics.json and notebooks/results.yml",

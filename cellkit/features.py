@@ -960,6 +960,62 @@ def nucleus_table(data: SegmentationSet) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
+#: Columns of :func:`nucleus_morphology` that describe a nucleus (the rest identify it).
+MORPHOLOGY_COLUMNS = (
+    "area_px", "perimeter_px", "circularity", "major_axis_px", "minor_axis_px", "eccentricity", "solidity",
+    "extent", "relative_area", "relative_intensity", "intensity_cv",
+)  # fmt: skip
+
+
+def nucleus_morphology(data: SegmentationSet) -> pd.DataFrame:
+    """Size, shape and brightness of every object (nucleus) of every image, one row each (notebook 09).
+
+    Returns
+    -------
+    DataFrame with ``image_index`` (position in ``data``), ``image_id``, ``group``, ``label`` (the id in the label
+    image) and :data:`MORPHOLOGY_COLUMNS`, as ``skimage.measure.regionprops`` defines them:
+
+    - ``area_px``, ``perimeter_px`` (pixels^2, pixels); ``circularity`` ``4 pi area / perimeter^2`` (about 1 for
+      a disk, lower for ragged or elongated outlines);
+    - ``major_axis_px``, ``minor_axis_px``, ``eccentricity`` of the ellipse with the same second moments;
+    - ``solidity`` (area over convex hull area: low for kidney shapes or two touching nuclei), ``extent``
+      (area over bounding box area);
+    - ``relative_area``: area over the median area of its image's nuclei (1 = typical for its image, so that
+      images at different magnifications compare);
+    - ``relative_intensity``: mean grey level of the nucleus over the median of that over its image's nuclei
+      (1 = typical for its image, so stains and exposures of different images compare);
+    - ``intensity_cv``: standard deviation over mean of its grey levels (texture: uniform vs speckled);
+    - ``on_border``: True when the object touches the image border (its outline is then partly the border's).
+    """
+    from skimage.measure import regionprops_table
+
+    properties = ("label", "area", "perimeter", "axis_major_length", "axis_minor_length", "eccentricity",
+                  "solidity", "extent", "intensity_mean", "intensity_std")
+    frames = []
+    for index, (image, labels, image_id, group) in enumerate(
+        zip(data.images, data.labels, data.ids, data.groups, strict=True)
+    ):
+        grey = np.asarray(image, dtype=np.float64)
+        grey = grey.mean(axis=-1) if grey.ndim == 3 else grey
+        table = pd.DataFrame(regionprops_table(np.asarray(labels, dtype=np.int64), grey, properties=properties))
+        if table.empty:
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            frames.append(pd.DataFrame({
+                "image_index": index, "image_id": image_id, "group": group, "label": table["label"],
+                "area_px": table["area"], "perimeter_px": table["perimeter"],
+                "circularity": 4 * np.pi * table["area"] / table["perimeter"] ** 2,
+                "major_axis_px": table["axis_major_length"], "minor_axis_px": table["axis_minor_length"],
+                "eccentricity": table["eccentricity"], "solidity": table["solidity"], "extent": table["extent"],
+                "relative_area": table["area"] / table["area"].median(),
+                "relative_intensity": table["intensity_mean"] / table["intensity_mean"].median(),
+                "intensity_cv": table["intensity_std"] / table["intensity_mean"],
+                "on_border": np.isin(table["label"], _border_ids(labels)),
+            }))  # fmt: skip
+    columns = ["image_index", "image_id", "group", "label", *MORPHOLOGY_COLUMNS, "on_border"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
 def nuclei_stats(data: SegmentationSet) -> pd.DataFrame:
     """One row per image of a :class:`~cellkit.datasets.SegmentationSet`: size, object count and intensities.
 

@@ -11,6 +11,8 @@ ratios are taken, so that large images with many objects weigh more than near-em
 :func:`object_metrics`          report 003's object counts: connected components that touch or not
 :func:`seg_score`               the Cell Tracking Challenge SEG measure
 :func:`match_instances`         one-to-one matching at an IoU threshold: F1, AP (DSB/StarDist), PQ
+:func:`count_errors`            predicted vs true counts per image: mean absolute and relative error
+:func:`label_agreement`         one row comparing label sets: pixel Dice, F1 at IoU 0.5, count errors
 ==============================  ===================================================================
 
 Conventions shared by every segmentation function:
@@ -545,4 +547,42 @@ def _match_scores(c: dict, thresh: float) -> dict:
         "pq": _ratio(sum_iou, tp + fp / 2 + fn / 2, empty),
         "mean_iou": _ratio(sum_iou, tp, empty),
         **c,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Counts and label agreement (report 003)
+# --------------------------------------------------------------------------------------------------------
+
+
+def count_errors(predicted: Sequence[float], true: Sequence[float]) -> dict:
+    """Errors of per-image counts: ``mae`` mean |predicted - true| (nuclei), ``relative_error`` mean
+    |predicted - true| / max(true, 1), ``bias`` mean (predicted - true) (negative: undercounting), ``n`` images.
+    Empty input gives NaN errors."""
+    p, t = np.asarray(predicted, np.float64), np.asarray(true, np.float64)
+    if p.shape != t.shape or p.ndim != 1:
+        raise ValueError(f"need two 1-D sequences of the same length, got shapes {p.shape} and {t.shape}")
+    if not p.size:
+        return {"mae": float("nan"), "relative_error": float("nan"), "bias": float("nan"), "n": 0}
+    diff = p - t
+    return {"mae": float(np.abs(diff).mean()), "relative_error": float((np.abs(diff) / np.maximum(t, 1)).mean()),
+            "bias": float(diff.mean()), "n": int(p.size)}
+
+
+def label_agreement(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], thresh: float = 0.5) -> dict:
+    """How far label images ``preds`` are from reference label images ``gts``, pooled over the pairs, as one flat
+    row: ``pixel_dice``, ``pixel_precision``, ``pixel_recall`` (foreground pixels); ``object_f1``,
+    ``object_precision``, ``object_recall``, ``ap`` (one-to-one matching at IoU ``thresh``); ``object_dice``
+    (report 003's touching rule, :func:`object_metrics`); ``count_mae``, ``count_relative_error``,
+    ``count_bias`` (objects per image, :func:`count_errors`); ``n_images``, ``n_pred``, ``n_gt``."""
+    pixel = pixel_metrics_dataset(preds, gts)
+    matched = match_dataset(preds, gts, thresholds=(thresh,))["by_threshold"][float(thresh)]
+    counts = count_errors([_relabel(_as_labels(p, "pred"))[1] for p in preds],
+                          [_relabel(_as_labels(g, "gt"))[1] for g in gts])
+    return {
+        "pixel_dice": pixel["dice"], "pixel_precision": pixel["precision"], "pixel_recall": pixel["recall"],
+        "object_f1": matched["f1"], "object_precision": matched["precision"], "object_recall": matched["recall"],
+        "ap": matched["ap"], "object_dice": object_metrics_dataset(preds, gts)["dice"],
+        "count_mae": counts["mae"], "count_relative_error": counts["relative_error"], "count_bias": counts["bias"],
+        "n_images": len(preds), "n_pred": matched["n_pred"], "n_gt": matched["n_gt"],
     }

@@ -1,4 +1,5 @@
-"""Classifiers: the report's LeNets and AlexNet, this repository's small CNN, one registry, saving with metadata.
+"""Classifiers: report 001's LeNets and AlexNet, this repository's small CNN, report 000's basic CNN, ResNet-18,
+ResNet-50 and a small ViT, one registry, saving with metadata.
 
 Every classifier is registered in :data:`REGISTRY` under a command-line name with a builder
 ``builder(input_shape, n_classes) -> keras.Model``, its default input size, the pixel scaling it expects
@@ -60,9 +61,12 @@ METADATA_ENTRY = "cellkit.json"
 METADATA_VERSION = 1
 
 #: Pixel scalings by name: uint8 (n, h, w, 3) -> float32. Report 001 feeds its CNNs [-1, 1].
+#: ``zscore`` is report 000's per-image normalisation, ``raw`` its unnormalised input (0..255 as float32).
 PREPROCESSING: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "pm1": transforms.scale_pm1,
     "01": transforms.scale_01,
+    "zscore": transforms.zscore_each,
+    "raw": transforms.scale_raw,
 }
 
 
@@ -201,6 +205,160 @@ def build_cellnet(input_shape: Sequence[int], n_classes: int, widths: Sequence[i
     return keras.Model(inputs, outputs, name="cellnet")
 
 
+def build_basic_cnn(input_shape: Sequence[int], n_classes: int, dropout: float = 0.5) -> keras.Model:
+    """Report 000's basic CNN: two 3x3 same-padded ReLU convolutions (32 and 64 filters), each followed by 2x2
+    max-pooling (50x50 -> 25x25 -> 12x12 in the report, 28 -> 14 -> 7 here), dropout against overfitting
+    (the report added dropout to each model; the rate is chosen here), dense 128 (ReLU), softmax."""
+    keras = _keras()
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            keras.Input(tuple(input_shape)),
+            layers.Conv2D(32, (3, 3), activation="relu", padding="same", name="conv1"),
+            layers.MaxPooling2D((2, 2), name="pool1"),
+            layers.Conv2D(64, (3, 3), activation="relu", padding="same", name="conv2"),
+            layers.MaxPooling2D((2, 2), name="pool2"),
+            layers.Flatten(name="flatten"),
+            layers.Dropout(dropout, name="dropout"),
+            layers.Dense(128, activation="relu", name="dense128"),
+            layers.Dense(n_classes, activation="softmax", dtype="float32", name="output"),
+        ],
+        name="basic_cnn",
+    )
+
+
+#: Filters of the four stages of ResNet-18 (He et al. 2016), two basic blocks each.
+RESNET18_WIDTHS = (64, 128, 256, 512)
+
+
+def _basic_block(x: Any, filters: int, stride: int, name: str) -> Any:
+    """ResNet's basic block: two 3x3 convolutions with batch norm, identity shortcut (a strided 1x1 projection
+    with batch norm when the shape changes), ReLU after the sum."""
+    layers = _keras().layers
+    shortcut = x
+    y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+    y = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn1")(y)
+    y = layers.Activation("relu", name=f"{name}_relu1")(y)
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
+    y = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn2")(y)
+    if stride != 1 or int(x.shape[-1]) != filters:
+        shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False, name=f"{name}_proj")(x)
+        shortcut = layers.BatchNormalization(momentum=0.9, name=f"{name}_proj_bn")(shortcut)
+    y = layers.Add(name=f"{name}_add")([y, shortcut])
+    return layers.Activation("relu", name=f"{name}_out")(y)
+
+
+def build_resnet18(input_shape: Sequence[int], n_classes: int, widths: Sequence[int] = RESNET18_WIDTHS,
+                   dropout: float = 0.2) -> keras.Model:
+    """ResNet-18 (Keras has none): the ImageNet stem (7x7 convolution, stride 2, batch norm, ReLU, 3x3 max-pool
+    with stride 2), four stages of two basic blocks ([2, 2, 2, 2]; 64-128-256-512 filters, stride 2 from the
+    second stage on), global average pooling, dropout, softmax: 17 convolutions + 1 dense layer, 11.2 M
+    parameters. On 28x28 inputs the maps are 7x7 after the stem and 1x1 in the last stage (as torchvision's
+    ResNet-18, which report 000 used, does on small images). Batch norm momentum 0.9 (see :func:`build_cellnet`)."""
+    keras = _keras()
+    layers = keras.layers
+    inputs = keras.Input(tuple(input_shape))
+    x = layers.Conv2D(widths[0], 7, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
+    x = layers.Activation("relu", name="stem_relu")(x)
+    x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+    for stage, filters in enumerate(widths, start=1):
+        for block in (1, 2):
+            stride = 2 if stage > 1 and block == 1 else 1
+            x = _basic_block(x, filters, stride, f"stage{stage}_block{block}")
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="output")(x)
+    return keras.Model(inputs, outputs, name="resnet18")
+
+
+def build_resnet50(input_shape: Sequence[int], n_classes: int, dropout: float = 0.2) -> keras.Model:
+    """ResNet-50 from ``keras.applications`` without pretrained weights (``weights=None``: report 000 trained
+    from scratch, and no download is needed), ``include_top=False``, then global average pooling, dropout and
+    a softmax: 23.6 M parameters. Keras' ResNet50 takes inputs of at least 32x32 pixels. Its batch-norm momentum
+    is lowered from 0.99 to 0.9, as in :func:`build_cellnet`: with 0.99 the running statistics of a short run on a
+    few hundred images still hold their initial values, and validation would score the initialisation."""
+    keras = _keras()
+    layers = keras.layers
+    inputs = keras.Input(tuple(input_shape))
+    base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=tuple(input_shape))
+    for layer in base.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = 0.9
+    x = base(inputs)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="output")(x)
+    return keras.Model(inputs, outputs, name="resnet50")
+
+
+_VIT_LAYERS: dict[str, type] = {}
+
+
+def vit_layers() -> dict[str, type]:
+    """The ViT's custom layer (:class:`PositionEmbedding`), defined and registered with Keras on first use so
+    that saved ViTs load in safe mode. Returns {name: class}."""
+    if _VIT_LAYERS:
+        return _VIT_LAYERS
+    keras = _keras()
+
+    @keras.saving.register_keras_serializable(package="cellkit")
+    class PositionEmbedding(keras.layers.Layer):
+        """Adds a learned embedding (tokens, dim) to a sequence of tokens (batch, tokens, dim)."""
+
+        def build(self, input_shape):
+            self.embedding = self.add_weight(shape=(int(input_shape[-2]), int(input_shape[-1])),
+                                             initializer=keras.initializers.RandomNormal(stddev=0.02),
+                                             name="embedding")
+
+        def call(self, tokens):
+            return tokens + keras.ops.cast(self.embedding, tokens.dtype)
+
+    _VIT_LAYERS["PositionEmbedding"] = PositionEmbedding
+    return _VIT_LAYERS
+
+
+#: The small ViT's shape: patch side (px), token width, transformer blocks, attention heads, MLP width.
+VIT_SHAPE = {"patch": 4, "dim": 64, "depth": 4, "heads": 4, "mlp": 128}
+
+
+def build_vit(input_shape: Sequence[int], n_classes: int, patch: int = VIT_SHAPE["patch"],
+              dim: int = VIT_SHAPE["dim"], depth: int = VIT_SHAPE["depth"], heads: int = VIT_SHAPE["heads"],
+              mlp: int = VIT_SHAPE["mlp"], dropout: float = 0.1) -> keras.Model:
+    """A small Vision Transformer (Dosovitskiy et al. 2021) for cell crops; report 000 used ViT-base (12 blocks,
+    86 M parameters, pretrained), which is far beyond a 2-core CPU and needs downloads.
+
+    Non-overlapping ``patch`` x ``patch`` patches (28x28 -> 49 patches of 4x4) are embedded linearly (a strided
+    convolution) into ``dim``-wide tokens, a learned position embedding is added, then ``depth`` pre-norm
+    transformer blocks (multi-head self-attention with ``heads`` heads, MLP ``dim`` -> ``mlp`` -> ``dim`` with
+    GELU, residual connections, dropout), a final layer norm, global average pooling over tokens (instead of a
+    class token) and a softmax. The input side must be a multiple of ``patch``."""
+    keras = _keras()
+    layers = keras.layers
+    side = int(input_shape[0])
+    if side % patch or int(input_shape[1]) % patch:
+        raise ValueError(f"the ViT needs an input side that is a multiple of its patch size {patch}, got "
+                         f"{input_shape[0]}x{input_shape[1]}")
+    tokens = (side // patch) * (int(input_shape[1]) // patch)
+    inputs = keras.Input(tuple(input_shape))
+    x = layers.Conv2D(dim, patch, strides=patch, name="patch_embedding")(inputs)
+    x = layers.Reshape((tokens, dim), name="tokens")(x)
+    x = vit_layers()["PositionEmbedding"](name="position_embedding")(x)
+    for i in range(1, depth + 1):
+        y = layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_norm1")(x)
+        y = layers.MultiHeadAttention(heads, dim // heads, dropout=dropout, name=f"block{i}_attention")(y, y)
+        x = layers.Add(name=f"block{i}_add1")([x, y])
+        y = layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_norm2")(x)
+        y = layers.Dense(mlp, activation="gelu", name=f"block{i}_mlp1")(y)
+        y = layers.Dropout(dropout, name=f"block{i}_drop")(y)
+        y = layers.Dense(dim, name=f"block{i}_mlp2")(y)
+        x = layers.Add(name=f"block{i}_add2")([x, y])
+    x = layers.LayerNormalization(epsilon=1e-6, name="final_norm")(x)
+    x = layers.GlobalAveragePooling1D(name="token_pool")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="output")(x)
+    return keras.Model(inputs, outputs, name="vit")
+
+
 # --------------------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------------------
@@ -217,6 +375,7 @@ class ModelSpec:
     input_size : default side of the square input in pixels.
     preprocessing : key of :data:`PREPROCESSING` (the scaling the model is trained with).
     min_size : smallest input side the architecture accepts.
+    multiple_of : the input side must be a multiple of this (a ViT's patch size); 1 for any side.
     description : one line for ``--help`` and tables.
     source : where the architecture comes from (a report, a paper, "this repository").
     fit : default training recipe: keyword arguments of :class:`cellkit.training.FitConfig`.
@@ -230,6 +389,16 @@ class ModelSpec:
     description: str = ""
     source: str = ""
     fit: dict[str, Any] = field(default_factory=dict)
+    multiple_of: int = 1
+
+    def check_size(self, size: int) -> None:
+        """A one-line ValueError naming the problem if ``size`` x ``size`` inputs do not fit this model."""
+        if size < self.min_size:
+            raise ValueError(f"model {self.name!r} needs inputs of at least {self.min_size}x{self.min_size} "
+                             f"pixels, got {size}x{size}")
+        if size % self.multiple_of:
+            raise ValueError(f"model {self.name!r} needs an input side that is a multiple of {self.multiple_of} "
+                             f"pixels, got {size}x{size}")
 
 
 #: name -> spec. Add models with :func:`register`.
@@ -269,6 +438,18 @@ for _spec in (
     ModelSpec("cellnet", build_cellnet, 28, "pm1", min_size=8,
               description="small VGG-style CNN with batch norm and global pooling (the default)",
               source="this repository", fit=CELLNET_FIT),
+    ModelSpec("basic-cnn", build_basic_cnn, 28, "pm1", min_size=4,
+              description="report 000's basic CNN: two 3x3 ReLU convolutions 32/64 with 2x2 max-pool, dense 128",
+              source="report 000", fit=REPORT_FIT),
+    ModelSpec("resnet18", build_resnet18, 28, "pm1", min_size=8,
+              description="ResNet-18: ImageNet stem, basic blocks [2, 2, 2, 2], 64-512 filters, 11.2 M parameters",
+              source="He et al. 2016; report 000", fit=REPORT_FIT),
+    ModelSpec("resnet50", build_resnet50, 32, "pm1", min_size=32,
+              description="ResNet-50 (keras.applications, no pretrained weights), 28x28 cells resized to 32x32",
+              source="He et al. 2016; report 000", fit=REPORT_FIT),
+    ModelSpec("vit", build_vit, 28, "pm1", min_size=8, multiple_of=VIT_SHAPE["patch"],
+              description="small ViT: 4x4 patches, learned position embedding, 4 blocks of width 64, 4 heads",
+              source="Dosovitskiy et al. 2021; report 000 (ViT-base)", fit=REPORT_FIT),
 ):
     register(_spec)
 
@@ -288,9 +469,7 @@ def build(name: str, n_classes: int, input_size: int | None = None, channels: in
     """
     entry = spec(name)
     size = entry.input_size if input_size is None else int(input_size)
-    if size < entry.min_size:
-        raise ValueError(f"model {name!r} needs inputs of at least {entry.min_size}x{entry.min_size} pixels, "
-                         f"got {size}x{size}")
+    entry.check_size(size)
     if n_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
     return entry.builder((size, size, channels), n_classes)
@@ -548,6 +727,7 @@ def load(path: str | Path) -> TrainedModel:
         raise DataError(f"{path}: expected a native Keras model file ending in .keras")
     info = read_info(path)
     keras = _keras()
+    vit_layers()  # registers the ViT's custom layer for deserialisation
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=True)
     except (ValueError, OSError, TypeError) as error:

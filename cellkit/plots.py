@@ -640,3 +640,32 @@ def score_curves(table, x: str, columns: Sequence[str], group: str | None = None
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return fig
+
+
+# --- counting (08_automatic_labels) --------------------------------------------------------------------------
+
+
+def count_scatter(true: Sequence[float], predicted: dict[str, Sequence[float]], title: str = "",
+                  log: bool = False) -> plt.Figure:
+    """Predicted against true nucleus counts per image, one panel per method in ``predicted`` (name -> counts,
+    aligned with ``true``), the identity line dashed and the mean absolute error in each panel's title."""
+    true = np.asarray(true, dtype=float)
+    n = len(predicted)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.3), squeeze=False, sharex=True, sharey=True)
+    top = max([true.max(initial=1.0)] + [np.max(np.asarray(p, float), initial=1.0) for p in predicted.values()])
+    low = 0.8 if log else 0.0
+    for ax, (name, counts) in zip(axes[0], predicted.items(), strict=True):
+        counts = np.asarray(counts, dtype=float)
+        ax.scatter(np.maximum(true, low), np.maximum(counts, low), s=10, alpha=0.6)
+        ax.plot([low, top * 1.05], [low, top * 1.05], "--", color="0.4", linewidth=1)
+        ax.set_title(f"{name}\nMAE {np.abs(counts - true).mean():.1f}", fontsize=9)
+        ax.set_xlabel("true count")
+        if log:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[0, 0].set_ylabel("predicted count")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,5 +1,6 @@
 """Segmentation: from network output to instances, prediction on any image size, U-Net targets and crops, and the
-classical baseline (Otsu + distance-transform watershed). Reports 002 (3-class U-Net) and 003 (post-processing).
+classical baseline (Otsu + distance-transform watershed), automatic labels from fluorescence, counting and
+single-cell crops. Reports 002 (3-class U-Net), 003 (post-processing, automatic labels, counting), 004 (crops).
 
 No Keras here: a model enters only as a ``predict`` callable, ``(B, h, w, C) float32 -> (B, h, w, K) float32``
 (e.g. ``model.predict`` or a ``tf.function``), so this module loads fast and is tested without TensorFlow.
@@ -20,6 +21,10 @@ No Keras here: a model enters only as a ``predict`` callable, ``(B, h, w, C) flo
 :func:`predict_instances`                   image -> input stack -> tiled prediction -> instances
 :func:`otsu_watershed`                      the classical baseline, no network
 :func:`remove_small`, :func:`relabel_sequential`
+:func:`single_cell_crops`                   one square 96 x 96 crop per cell (report 004); :func:`crops_from_dataset`
+:func:`automatic_labels`                    labels without annotation: CLAHE + adaptive Otsu (report 003)
+:func:`filter_label_images`                 report 003's rule: drop the emptiest 25 % and the over-full images
+:func:`count_nuclei`                        components, area / typical area, or watershed (report 003, 8.6)
 ==========================================  ==============================================================
 
 Conventions
@@ -54,13 +59,25 @@ from cellkit import transforms
 from cellkit.datasets import DataError
 
 __all__ = [
+    "AUTOLABEL_BOUNDS",
+    "AUTOLABEL_CLAHE",
+    "AUTOLABEL_DIAMETER",
+    "AUTOLABEL_WINDOW",
     "CHANNELS",
+    "COUNT_METHODS",
     "MAX_UNTILED_PIXELS",
     "THREE_CLASSES",
+    "CellCrops",
+    "automatic_labels",
     "balanced_class_weights",
     "binary_target",
     "class_weight_map",
+    "count_nuclei",
     "crop_to",
+    "crops_from_dataset",
+    "equivalent_diameters",
+    "filter_by_diameter",
+    "filter_label_images",
     "input_stack",
     "instances_from_foreground",
     "instances_from_three_class",
@@ -73,6 +90,8 @@ __all__ = [
     "random_crops",
     "relabel_sequential",
     "remove_small",
+    "single_cell_crops",
+    "typical_nucleus_area",
     "watershed_split",
 ]
 
@@ -672,3 +691,296 @@ def otsu_watershed(
         return np.zeros(grey.shape, np.int32)
     mask = ndi.binary_fill_holes(grey > threshold_otsu(grey))
     return watershed_split(mask, h=h, sigma=distance_sigma, min_size=min_size)
+
+
+# --- single-cell crops (report 004) --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CellCrops:
+    """One square crop per kept cell, as report 004 fed them to VGG16 and to clustering.
+
+    ``crops``: (n, size, size, 3) ``float32`` in [0, 1], grey copied to three channels. ``ids``: (n,) ``int64``
+    label id of each crop in its label image. ``areas``: (n,) ``int64`` object area in px. ``image_index``: (n,)
+    ``int64`` index of the source image (all 0 from :func:`single_cell_crops`). ``n_size_outliers`` and
+    ``n_dark``: cells dropped by the size rule and by the black-pixel rule.
+    """
+
+    crops: np.ndarray
+    ids: np.ndarray
+    areas: np.ndarray
+    image_index: np.ndarray
+    n_size_outliers: int = 0
+    n_dark: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def single_cell_crops(
+    image: np.ndarray,
+    labels: np.ndarray,
+    size: int = 96,
+    outlier_fraction: float = 0.05,
+    max_black_fraction: float = 0.5,
+    margin: int = 0,
+    black_level: float = 0.05,
+    mask_outside: bool = True,
+) -> CellCrops:
+    """Report 004's single-cell crops from one image and its instance labels.
+
+    1. Size rule: of the N objects, ``floor(N * outlier_fraction / 2)`` smallest and as many largest (by area,
+       px) are dropped (report 004: the 5 % size outliers, fragments and merged cells).
+    2. Each remaining object's bounding box, grown by ``margin`` px (clipped at the image border), is cut from
+       the image scaled to [0, 1] (:func:`percentile_normalise` over the whole image); with ``mask_outside``
+       the pixels of other objects and background in the box are set to 0 (black).
+    3. Black-pixel rule: a cell whose share of own pixels at or below ``black_level`` (on the [0, 1] scale)
+       exceeds ``max_black_fraction`` is dropped (report 004: empty space taken for a cell).
+    4. The crop is padded to a square with black bars (centred), resized to ``size`` x ``size`` (area
+       interpolation when shrinking, linear when enlarging) and copied to three channels.
+
+    ``image``: (H, W) grey or (H, W, C) (averaged to grey), any numeric dtype. ``labels``: (H, W) non-negative
+    integer instance image (0 background). Returns a :class:`CellCrops` (empty arrays when nothing is kept).
+    """
+    return crops_from_dataset(
+        [image], [labels], size, outlier_fraction, max_black_fraction, margin, black_level, mask_outside
+    )
+
+
+def crops_from_dataset(
+    images: Sequence[np.ndarray],
+    labels_list: Sequence[np.ndarray],
+    size: int = 96,
+    outlier_fraction: float = 0.05,
+    max_black_fraction: float = 0.5,
+    margin: int = 0,
+    black_level: float = 0.05,
+    mask_outside: bool = True,
+) -> CellCrops:
+    """:func:`single_cell_crops` over a set of images, the size rule applied to all their objects together (a
+    per-class rule is this function called once per class). ``image_index`` tells each crop's source image."""
+    if len(images) != len(labels_list):
+        raise DataError(f"need one label image per image, got {len(images)} images and {len(labels_list)} labels")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    if not 0 <= outlier_fraction < 1 or not 0 <= max_black_fraction <= 1 or margin < 0:
+        raise ValueError(
+            f"need 0 <= outlier_fraction < 1, 0 <= max_black_fraction <= 1 and margin >= 0, got "
+            f"{outlier_fraction}, {max_black_fraction}, {margin}"
+        )
+    objects = [_objects(k, image, labels) for k, (image, labels) in enumerate(zip(images, labels_list, strict=True))]
+    index = np.concatenate([np.full(len(ids), k, np.int64) for k, (_, ids, _) in enumerate(objects)] or [[]])
+    ids = np.concatenate([ids for _, ids, _ in objects] or [[]]).astype(np.int64)
+    areas = np.concatenate([areas for _, _, areas in objects] or [[]]).astype(np.int64)
+    inlier = _size_inliers(areas, outlier_fraction)
+    crops, kept = [], []
+    boxes: dict[int, list] = {}  # bounding boxes, found once per image that has a kept object
+    for i in np.flatnonzero(inlier):
+        k, labels = int(index[i]), np.asarray(labels_list[index[i]])
+        if k not in boxes:
+            boxes[k] = ndi.find_objects(labels.astype(np.int64, copy=False))
+        crop, black = _cell_crop(
+            objects[k][0], labels, int(ids[i]), boxes[k][ids[i] - 1], size, margin, black_level, mask_outside
+        )
+        if black <= max_black_fraction:
+            crops.append(crop)
+            kept.append(i)
+    kept = np.asarray(kept, np.int64)
+    return CellCrops(
+        crops=np.stack(crops) if crops else np.zeros((0, size, size, 3), np.float32),
+        ids=ids[kept],
+        areas=areas[kept],
+        image_index=index[kept],
+        n_size_outliers=int((~inlier).sum()),
+        n_dark=int(inlier.sum() - len(kept)),
+    )
+
+
+def _objects(k: int, image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image scaled to [0, 1] grey (H, W) float32, object ids (n,), areas (n,) px) of one image/label pair."""
+    grey, labels = _grey(image), np.asarray(labels)
+    if labels.ndim != 2 or grey.shape != labels.shape:
+        raise DataError(f"image {k} is {grey.shape} but its labels are {labels.shape}; they must match")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"labels of image {k} are negative; 0 is background, objects 1..N")
+    areas = np.bincount(labels.ravel().astype(np.int64)) if labels.size else np.zeros(1, np.int64)
+    ids = np.flatnonzero(areas)
+    ids = ids[ids > 0]
+    return percentile_normalise(grey), ids, areas[ids]
+
+
+def _size_inliers(areas: np.ndarray, fraction: float) -> np.ndarray:
+    """``bool`` (n,): False for the ``floor(n * fraction / 2)`` smallest and as many largest areas (ties by order)."""
+    keep = np.ones(len(areas), bool)
+    k = int(len(areas) * fraction / 2)
+    if k > 0:
+        order = np.argsort(areas, kind="stable")
+        keep[order[:k]] = False
+        keep[order[-k:]] = False
+    return keep
+
+
+def _cell_crop(
+    grey: np.ndarray,
+    labels: np.ndarray,
+    label_id: int,
+    bbox: tuple[slice, slice],
+    size: int,
+    margin: int,
+    black_level: float,
+    mask_outside: bool,
+) -> tuple[np.ndarray, float]:
+    """(crop (size, size, 3) float32, share of the object's pixels at or below ``black_level``) of one object
+    whose bounding box is ``bbox`` (``ndi.find_objects``), grown by ``margin`` px within the image."""
+    top, bottom = max(bbox[0].start - margin, 0), min(bbox[0].stop + margin, labels.shape[0])
+    left, right = max(bbox[1].start - margin, 0), min(bbox[1].stop + margin, labels.shape[1])
+    box, box_own = grey[top:bottom, left:right], labels[top:bottom, left:right] == label_id
+    black = float(np.mean(box[box_own] <= black_level))
+    if mask_outside:
+        box = np.where(box_own, box, np.float32(0))
+    height, width = box.shape
+    side = max(height, width)
+    square = np.zeros((side, side), np.float32)
+    y, x = (side - height) // 2, (side - width) // 2
+    square[y : y + height, x : x + width] = box
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    resized = np.clip(cv2.resize(square, (size, size), interpolation=interpolation), 0.0, 1.0)
+    return np.repeat(resized[..., None], 3, axis=-1), black
+
+
+# --- automatic labels from fluorescence (report 003) ---------------------------------------------------------
+
+#: Report 003's CellProfiler settings: CLAHE block 127 px, maximum slope 3.0; adaptive Otsu in 20 x 20 px windows
+#: with the threshold bounded to 0.05-1.0 of full scale; objects 5-30 px in diameter.
+AUTOLABEL_CLAHE = {"clip_limit": 3.0, "block_size": 127}
+AUTOLABEL_WINDOW = 20
+AUTOLABEL_BOUNDS = (0.05, 1.0)
+AUTOLABEL_DIAMETER = (5.0, 30.0)
+
+
+def automatic_labels(
+    fluorescence: np.ndarray,
+    clip_limit: float = AUTOLABEL_CLAHE["clip_limit"],
+    block_size: int = AUTOLABEL_CLAHE["block_size"],
+    window: int = AUTOLABEL_WINDOW,
+    bounds: tuple[float, float] = AUTOLABEL_BOUNDS,
+    global_range: tuple[float, float] = (0.7, 1.5),
+    diameter_range: tuple[float, float] | None = AUTOLABEL_DIAMETER,
+    split_touching: bool = True,
+    h: float = OTSU_H,
+) -> np.ndarray:
+    """Report 003's labels without annotation: a nucleus stain image to nucleus instances, with scikit-image and
+    OpenCV only (the report used ImageJ for CLAHE and CellProfiler's IdentifyPrimaryObjects).
+
+    1. Scale: ``uint8`` is used as is; other dtypes are stretched min-max to 0..255 (the report's 32-bit
+       fluorescence was very dark; CLAHE needs the 8-bit range filled to see anything).
+    2. CLAHE (:func:`cellkit.transforms.clahe`): tiles of about ``block_size`` px, maximum slope ``clip_limit``.
+    3. Adaptive Otsu (:func:`cellkit.transforms.local_otsu_mask`): one threshold per ``window`` x ``window`` px
+       block, kept within ``global_range`` times the global Otsu threshold (as CellProfiler does) and within
+       ``bounds`` (fractions of full scale), interpolated between blocks. Holes are filled.
+    4. Objects: with ``split_touching`` (CellProfiler declumps by default) a distance-transform watershed
+       (:func:`watershed_split`, seed height ``h`` px) separates touching nuclei; else connected components
+       (8-neighbours).
+    5. Objects whose equivalent diameter ``sqrt(4 area / pi)`` lies outside ``diameter_range`` (px) are dropped
+       (CellProfiler's "discard objects outside the diameter range"); None keeps all.
+
+    ``fluorescence``: (H, W) bright nuclei on a dark background, or (H, W, C) averaged to grey. Returns ``int32``
+    (H, W) labels 1..N (report 003 kept only the binary mask: ``labels > 0``).
+    """
+    grey = _grey(fluorescence)
+    if grey.size == 0 or grey.min() == grey.max():
+        return np.zeros(grey.shape, np.int32)
+    image8 = grey if grey.dtype == np.uint8 else transforms.as_uint8(percentile_normalise(grey, 0.0, 100.0))
+    enhanced = transforms.clahe(image8, clip_limit=clip_limit, block_size=block_size)
+    mask = ndi.binary_fill_holes(transforms.local_otsu_mask(enhanced, window, bounds, global_range))
+    if split_touching:
+        labels = watershed_split(mask, h=h, sigma=OTSU_DISTANCE_SIGMA, min_size=0)
+    else:
+        labels = ndi.label(mask, structure=_structure(2))[0]
+    return labels.astype(np.int32) if diameter_range is None else filter_by_diameter(labels, diameter_range)
+
+
+def equivalent_diameters(labels: np.ndarray) -> np.ndarray:
+    """``float64`` (max id + 1,): diameter in px of the disc with each id's area, ``sqrt(4 area / pi)`` (0 for
+    absent ids; index 0 is the background's)."""
+    labels = np.asarray(labels)
+    if labels.size and labels.min() < 0:
+        raise DataError("labels must be >= 0 (0 is background)")
+    return np.sqrt(4.0 * np.bincount(labels.ravel().astype(np.int64)) / np.pi)
+
+
+def filter_by_diameter(labels: np.ndarray, diameter_range: tuple[float, float]) -> np.ndarray:
+    """Objects whose equivalent diameter (px, :func:`equivalent_diameters`) lies outside ``diameter_range``
+    (inclusive bounds) set to background; ``int32`` (H, W) renumbered 1..N."""
+    low, high = diameter_range
+    diameters = equivalent_diameters(labels)
+    drop = (diameters < low) | (diameters > high)
+    drop[0] = False
+    out = np.asarray(labels).astype(np.int32, copy=True)
+    out[drop[out]] = 0
+    return relabel_sequential(out)
+
+
+def filter_label_images(
+    labels_list: Sequence[np.ndarray], drop_lowest: float = 0.25, max_foreground: float = 0.5
+) -> np.ndarray:
+    """Report 003's automatic filter of whole label images: which image/label pairs to keep for training.
+
+    Dropped: the ``floor(n * drop_lowest)`` images with the smallest share of nucleus pixels (report 003: the
+    lowest 25 %, mostly nuclei the stain missed), and every image whose share exceeds ``max_foreground``
+    (0.5: more nucleus than background pixels, "almost always segmented noise"). The share, not the count, so
+    that images of different sizes compare; for images of one size the two rank alike. Ties keep input order.
+
+    ``labels_list``: n label images or masks (non-zero = nucleus). Returns ``bool`` (n,), True = keep.
+    """
+    shares = np.array([np.count_nonzero(labels) / max(np.size(labels), 1) for labels in labels_list], np.float64)
+    if not 0 <= drop_lowest < 1:
+        raise ValueError(f"drop_lowest must be in [0, 1), got {drop_lowest}")
+    keep = shares <= max_foreground
+    k = int(len(shares) * drop_lowest)
+    if k:
+        keep[np.argsort(shares, kind="stable")[:k]] = False
+    return keep
+
+
+# --- counting nuclei (report 003, section 8.6) ---------------------------------------------------------------
+
+COUNT_METHODS = ("components", "area", "watershed")
+
+
+def typical_nucleus_area(labels_list: Sequence[np.ndarray]) -> float:
+    """Median area in px of all objects of the instance images ``labels_list`` (the "known area of an average
+    nucleus" report 003 proposes to divide by); NaN if there are none."""
+    areas = [np.bincount(np.asarray(labels).ravel().astype(np.int64))[1:] for labels in labels_list]
+    areas = np.concatenate([a[a > 0] for a in areas] or [np.zeros(0)])
+    return float(np.median(areas)) if areas.size else float("nan")
+
+
+def count_nuclei(
+    mask: np.ndarray, method: str = "components", typical_area: float | None = None, min_size: int = 0
+) -> float:
+    """Number of nuclei in a binary mask (or the non-zero pixels of a label image), three ways (report 003, 8.6):
+
+    - ``components``: connected components (8-neighbours) of at least ``min_size`` px, report 003's count.
+      Touching nuclei count once; a few stray pixels count as a nucleus.
+    - ``area``: nucleus pixels / ``typical_area`` px (not rounded). Clumps cost nothing; wrong when nuclei
+      differ in size from the typical one. ``typical_area`` None uses this mask's own median component area
+      (objects of at least ``min_size`` px), which needs no outside knowledge but is pulled up by clumps.
+    - ``watershed``: objects of :func:`watershed_split` (distance-transform watershed, tuned on DSB 2018) of at
+      least ``min_size`` px.
+
+    Returns the count as ``float``.
+    """
+    if method not in COUNT_METHODS:
+        raise ValueError(f"unknown counting method {method!r}; use {', '.join(COUNT_METHODS)}")
+    mask = _check_map(mask, "mask") > 0
+    if method == "watershed":
+        return float(watershed_split(mask, min_size=min_size).max())
+    components = remove_small(ndi.label(mask, structure=_structure(2))[0], min_size)
+    if method == "components":
+        return float(components.max())
+    if typical_area is None:
+        typical_area = typical_nucleus_area([components])
+    if not typical_area > 0:  # also NaN: a mask without objects
+        return 0.0
+    return float(np.count_nonzero(mask) / typical_area)

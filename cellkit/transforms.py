@@ -50,6 +50,7 @@ __all__ = [
     "boundary_mask",
     "canny",
     "catalogue",
+    "cell_mask_input",
     "check_alignment",
     "clahe",
     "contrast_to_noise",
@@ -69,11 +70,13 @@ __all__ = [
     "rotate",
     "scale_01",
     "scale_pm1",
+    "scale_raw",
     "sobel",
     "stretch_crop",
     "time_per_image",
     "timing_table",
     "zscore",
+    "zscore_each",
 ]
 
 _FILLS = {
@@ -168,6 +171,23 @@ def zscore(image: np.ndarray, per_channel: bool = False, eps: float = 1e-6) -> n
     mean = x.mean(axis=axes, keepdims=True, dtype=np.float64)
     std = x.std(axis=axes, keepdims=True, dtype=np.float64)
     return ((x - mean) / np.maximum(std, eps)).astype(np.float32)
+
+
+def zscore_each(images: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """:func:`zscore` of every image of a batch (n, h, w[, c]) on its own: ``float32``, each image with mean 0
+    and standard deviation 1 over its pixels and channels (report 000's normalisation, as a model's input
+    scaling); a constant image becomes zeros. The result does not depend on the input's scale."""
+    x = np.asarray(images, dtype=np.float32)
+    axes = tuple(range(1, x.ndim))
+    mean = x.mean(axis=axes, keepdims=True, dtype=np.float64)
+    std = x.std(axis=axes, keepdims=True, dtype=np.float64)
+    return ((x - mean) / np.maximum(std, eps)).astype(np.float32)
+
+
+def scale_raw(images: np.ndarray) -> np.ndarray:
+    """No normalisation: pixel values as ``float32`` on their own scale (0..255 for uint8); report 000's
+    "raw" input, the baseline its normalisation is measured against."""
+    return np.asarray(images, dtype=np.float32)
 
 
 # --- contrast (reports 003, 004) --------------------------------------------------------------------------------
@@ -364,6 +384,17 @@ def boundary_mask(labels: np.ndarray, width: int = 1) -> np.ndarray:
     kernel = _kernel(width, "square")
     changes = (cv2.dilate(values, kernel) != values) | (cv2.erode(values, kernel) != values)
     return changes & (values > 0)
+
+
+def cell_mask_input(images: np.ndarray, fill: int = 0) -> np.ndarray:
+    """Report 000's cell-mask input for blood-smear crops: each RGB uint8 image (n, h, w, 3) with the pixels
+    outside its central stained cell (:func:`cellkit.features.cell_masks`) set to ``fill``, so that a model
+    sees the cell's colour and texture but not the red cells and background around it. Same shape and dtype."""
+    from cellkit.features import cell_masks
+
+    images = np.asarray(images)
+    cell, _ = cell_masks(images)
+    return np.where(cell[..., None], images, np.asarray(fill, images.dtype))
 
 
 # --- filters and input enhancement (reports 000, 002) --------------------------------------------------------------

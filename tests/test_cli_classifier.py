@@ -170,3 +170,8 @@ def test_corrupt_model_file_is_one_line(tmp_path, pbc_files, capsys):
     model.write_bytes(b"garbage")
     assert cli.main(["classify", "--model", str(model), str(pbc_files)]) == cli.EXIT_BAD_INPUT
     assert_one_line_error(capsys.readouterr().err, "not a .keras model file")
+
+
+def test_image_size_the_vit_cannot_split_into_patches_is_one_line(capsys):
+    assert cli.main(["train", "classifier", "--model", "vit", "--size", "30"]) == cli.EXIT_BAD_INPUT
+    assert_one_line_error(capsys.readouterr().err, "'vit'", "multiple of 4")

@@ -210,3 +210,23 @@ def test_stratified_sample_keeps_shares_and_rare_groups():
     assert features.stratified_sample(groups, None).tolist() == list(range(100))
     with pytest.raises(ValueError, match="one of each"):
         features.stratified_sample(groups, 2)
+
+
+def test_nucleus_morphology_of_two_squares():
+    labels = np.zeros((30, 30), np.uint16)
+    labels[2:12, 2:12] = 1  # 10 x 10
+    labels[20:24, 20:24] = 5  # 4 x 4
+    image = np.where(labels == 1, 100, np.where(labels == 5, 50, 0)).astype(np.uint8)
+    data = SegmentationSet([image, image], [labels, np.zeros_like(labels)], ["a", "empty"], groups=["g", "g"])
+    table = features.nucleus_morphology(data)
+    assert table["label"].tolist() == [1, 5] and table["image_index"].tolist() == [0, 0]
+    assert table["area_px"].tolist() == [100, 16]
+    np.testing.assert_allclose(table["relative_area"], [100 / 58, 16 / 58])  # median of 100 and 16 is 58
+    np.testing.assert_allclose(table["relative_intensity"], [100 / 75, 50 / 75])
+    np.testing.assert_allclose(table[["solidity", "extent"]], 1.0)
+    np.testing.assert_allclose(table["eccentricity"], 0.0, atol=1e-12)  # a square's inertia ellipse is a circle
+    np.testing.assert_allclose(table["intensity_cv"], 0.0, atol=1e-12)
+    assert set(features.MORPHOLOGY_COLUMNS) <= set(table.columns)
+    assert not table["on_border"].any()
+    labels[0, 0] = 7
+    assert features.nucleus_morphology(data)["on_border"].tolist() == [False, False, True]

@@ -313,3 +313,24 @@ def test_real_dsb_labels(real_data):
     assert 0.6 < seg["seg"] < 0.95
     assert seg["n_reference"] == len(np.unique(gt)) - 1
     json.dumps(metrics.match_dataset([shrunk], [gt]))
+
+
+def test_count_errors_known_answer():
+    out = metrics.count_errors([10, 12, 0], [10, 8, 2])
+    assert out == {"mae": pytest.approx(2.0), "relative_error": pytest.approx((0 + 0.5 + 1.0) / 3),
+                   "bias": pytest.approx(2 / 3), "n": 3}
+    assert np.isnan(metrics.count_errors([], [])["mae"])
+    with pytest.raises(ValueError):
+        metrics.count_errors([1, 2], [1])
+
+
+def test_label_agreement_perfect_and_half():
+    gt = np.zeros((20, 20), np.int32)
+    gt[2:6, 2:6], gt[10:14, 10:14] = 1, 2
+    perfect = metrics.label_agreement([gt], [gt])
+    assert perfect["pixel_dice"] == 1.0 and perfect["object_f1"] == 1.0 and perfect["count_mae"] == 0.0
+    half = np.where(gt == 2, 0, gt)  # one of the two nuclei missed
+    out = metrics.label_agreement([half, gt], [gt, gt])
+    assert out["object_recall"] == pytest.approx(3 / 4) and out["object_precision"] == 1.0
+    assert out["count_mae"] == pytest.approx(0.5) and out["count_bias"] == pytest.approx(-0.5)
+    assert out["pixel_dice"] == pytest.approx(2 * 48 / (2 * 48 + 16)) and out["n_gt"] == 4

@@ -169,3 +169,73 @@ def test_loading_bad_files_is_a_one_line_error(tmp_path):
     broken.write_bytes(b"not a zip")
     with pytest.raises(DataError, match="not a .keras model file"):
         models.load(broken)
+
+
+# --- report 000's models (notebook 05) ----------------------------------------------------------------------
+
+
+def trainable_params(model):
+    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
+
+
+def test_report000_models_are_registered_with_their_input_sizes():
+    assert {"basic-cnn", "resnet18", "resnet50", "vit"} <= set(models.REGISTRY)
+    sizes = {name: models.spec(name).input_size for name in ("basic-cnn", "resnet18", "resnet50", "vit")}
+    assert sizes == {"basic-cnn": 28, "resnet18": 28, "resnet50": 32, "vit": 28}
+    for name in ("basic-cnn", "resnet18", "resnet50", "vit"):
+        model = models.build(name, n_classes=8)
+        assert model.output_shape == (None, 8), name
+        assert model.layers[-1].compute_dtype == "float32", name
+
+
+def test_basic_cnn_is_two_conv_relu_maxpool_layers():
+    model = models.build("basic-cnn", 8, 28)
+    assert [(r["filters_or_units"], r["kernel_size"], r["padding"], r["activation"]) for r in conv_rows(model)] == [
+        (32, (3, 3), "same", "relu"), (64, (3, 3), "same", "relu"),
+    ]
+    # the report's 50x50 -> 12x12 after the two pools; 28 -> 7 here
+    assert models.build("basic-cnn", 8, 50).get_layer("pool2").output.shape[1:3] == (12, 12)
+    assert model.count_params() == 896 + 18496 + (7 * 7 * 64 * 128 + 128) + (128 * 8 + 8)
+
+
+def test_resnet18_has_torchvisions_parameter_count():
+    model = models.build("resnet18", 8, 28)
+    assert len(conv_rows(model)) == 17 + 3  # 17 convolutions on the main path, 3 projection shortcuts
+    # torchvision's resnet18: 11,689,512 trainable parameters with a 1000-class head (512 * 1000 + 1000)
+    assert trainable_params(model) == 11_689_512 - 513_000 + (512 * 8 + 8)
+    assert model.get_layer("stage4_block2_out").output.shape[1:] == (1, 1, 512)
+
+
+def test_resnet50_is_keras_applications_without_weights():
+    model = models.build("resnet50", 8)
+    assert model.input_shape == (None, 32, 32, 3)
+    assert model.count_params() == 23_587_712 + 2048 * 8 + 8  # ResNet50(include_top=False) + the head
+    momenta = {layer.momentum for layer in model.get_layer("resnet50").layers if hasattr(layer, "momentum")}
+    assert momenta == {0.9}
+
+
+def test_vit_tokens_and_size():
+    model = models.build("vit", 8, 28)
+    assert model.get_layer("tokens").output.shape[1:] == (49, 64)  # 7 x 7 patches of 4 x 4
+    assert model.get_layer("position_embedding").weights[0].shape == (49, 64)
+    assert 50_000 < model.count_params() < 500_000
+    assert models.build("vit", 8, 32).get_layer("tokens").output.shape[1:] == (64, 64)
+
+
+@pytest.mark.parametrize(("name", "size", "message"), [
+    ("vit", 30, "multiple of 4"), ("resnet50", 28, "at least 32x32"), ("resnet18", 4, "at least 8x8"),
+])
+def test_wrong_input_size_is_a_one_line_error(name, size, message):
+    with pytest.raises(ValueError, match=message) as info:
+        models.build(name, 8, size)
+    assert "\n" not in str(info.value) and repr(name) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["vit", "resnet18"])
+def test_new_models_save_and_load_in_safe_mode(name, tmp_path):
+    model = models.build(name, 3, 28)
+    info = models.ModelInfo(model=name, class_names=["a", "b", "c"], input_size=28)
+    path = models.save(model, info, tmp_path / f"{name}.keras")
+    loaded = models.load(path)
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 3), dtype=np.uint8)
+    np.testing.assert_allclose(loaded.predict_proba(images), models.predict_proba(model, images), atol=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -317,3 +318,185 @@ def test_otsu_watershed_on_real_dsb_test_images(real_data):
     preds = [seg.otsu_watershed(image) for image in data.images]
     f1 = metrics.match_dataset(preds, data.labels, thresholds=[0.5])["by_threshold"][0.5]["f1"]
     assert 0.6 < f1 < 0.95  # about 0.8 on the whole test split
+
+
+# --- single-cell crops (report 004) ---
+
+
+def _squares_image(sides, gap=4, value=1.0):
+    """A row of bright squares of the given sides on black, labels 1..n in that order."""
+    height = max(sides) + 2 * gap
+    width = sum(sides) + gap * (len(sides) + 1)
+    image, labels = np.zeros((height, width), np.float32), np.zeros((height, width), np.int32)
+    x = gap
+    for k, side in enumerate(sides, start=1):
+        image[gap : gap + side, x : x + side] = value
+        labels[gap : gap + side, x : x + side] = k
+        x += side + gap
+    return image, labels
+
+
+def test_single_cell_crops_square_object_fills_the_crop():
+    image, labels = _squares_image([10])
+    out = seg.single_cell_crops(image, labels, size=96)
+    assert out.crops.shape == (1, 96, 96, 3) and out.crops.dtype == np.float32
+    np.testing.assert_allclose(out.crops, 1.0)
+    np.testing.assert_array_equal(out.ids, [1])
+    np.testing.assert_array_equal(out.areas, [100])
+    np.testing.assert_array_equal(out.image_index, [0])
+    assert len(out) == 1 and out.n_size_outliers == 0 and out.n_dark == 0
+
+
+def test_single_cell_crops_pads_to_a_square_with_black_bars_and_masks_neighbours():
+    image = np.zeros((30, 40), np.float32)
+    labels = np.zeros((30, 40), np.int32)
+    image[10:20, 5:25], labels[10:20, 5:25] = 1.0, 3  # 10 x 20 px object, id 3
+    image[20:24, 5:25], labels[20:24, 5:25] = 0.5, 4  # a neighbour just below it
+    out = seg.single_cell_crops(image, labels, size=20, outlier_fraction=0.0, margin=2)
+    crop = out.crops[list(out.ids).index(3), ..., 0]
+    # box rows 8..21 (14 px: 2 margin + 10 + 2 margin) x cols 3..26 (24 px): 5 black rows above, 5 below
+    assert crop.shape == (20, 20)
+    expected = np.zeros((24, 24), np.float32)
+    expected[5 + 2 : 5 + 12, 2:22] = 1.0  # the neighbour's rows are masked out
+    np.testing.assert_allclose(crop, cv2.resize(expected, (20, 20), interpolation=cv2.INTER_AREA), atol=1e-6)
+    unmasked = seg.single_cell_crops(image, labels, size=24, outlier_fraction=0.0, margin=2, mask_outside=False)
+    assert unmasked.crops[0, 5 + 12, 5, 0] == pytest.approx(0.5)  # the neighbour shows when not masked
+
+
+def test_single_cell_crops_size_rule_drops_the_extremes():
+    sides = [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]  # 20 objects, growing
+    image, labels = _squares_image(sides[::-1])  # ids 1..20 from largest to smallest
+    out = seg.single_cell_crops(image, labels, size=8, outlier_fraction=0.2)  # floor(20 * 0.2 / 2) = 2 per side
+    assert out.n_size_outliers == 4
+    np.testing.assert_array_equal(out.ids, np.arange(3, 19))
+    np.testing.assert_array_equal(out.areas, np.asarray(sides[::-1][2:18]) ** 2)
+    assert len(seg.single_cell_crops(image, labels, size=8, outlier_fraction=0.05)) == 20  # floor(0.5) = 0
+
+
+def test_single_cell_crops_black_pixel_rule():
+    image, labels = _squares_image([10, 10, 10])
+    image[labels == 2] = 0.0  # a "cell" on empty space
+    image[4:14, 32:37] = 0.0  # the left half of cell 3 is black: 50 % is not more than 50 %
+    out = seg.single_cell_crops(image, labels, size=16, outlier_fraction=0.0)
+    np.testing.assert_array_equal(out.ids, [1, 3])
+    assert out.n_dark == 1
+    strict = seg.single_cell_crops(image, labels, size=16, outlier_fraction=0.0, max_black_fraction=0.4)
+    np.testing.assert_array_equal(strict.ids, [1])
+
+
+def test_crops_from_dataset_applies_the_size_rule_over_the_set():
+    small, small_labels = _squares_image([4, 5, 6, 7, 8])
+    large, large_labels = _squares_image([14, 15, 16, 17, 18])
+    out = seg.crops_from_dataset([small, large], [small_labels, large_labels], size=12, outlier_fraction=0.4)
+    # 10 objects, floor(10 * 0.4 / 2) = 2 per side: the two smallest of the first image, two largest of the second
+    np.testing.assert_array_equal(out.image_index, [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(out.ids, [3, 4, 5, 1, 2, 3])
+    assert out.crops.shape == (6, 12, 12, 3) and out.n_size_outliers == 4
+    assert out.crops.min() >= 0.0 and out.crops.max() <= 1.0
+
+
+def test_single_cell_crops_on_simulated_nuclei_and_bad_input():
+    field = synthetic.nuclei_field(shape=(128, 128), seed=3)
+    out = seg.single_cell_crops(field.fluorescence, field.labels)
+    n = int(field.labels.max())
+    assert len(out) + out.n_size_outliers + out.n_dark == n and out.n_size_outliers == 2 * int(n * 0.05 / 2)
+    assert out.crops.shape == (len(out), 96, 96, 3) and np.isfinite(out.crops).all()
+    np.testing.assert_array_equal(out.crops[..., 0], out.crops[..., 2])
+    empty = seg.single_cell_crops(field.fluorescence, np.zeros_like(field.labels))
+    assert empty.crops.shape == (0, 96, 96, 3) and len(empty) == 0
+    with pytest.raises(DataError, match="must match"):
+        seg.single_cell_crops(field.fluorescence, field.labels[:10])
+    with pytest.raises(DataError, match="one label image per image"):
+        seg.crops_from_dataset([field.fluorescence], [])
+
+
+# --- automatic labels, the label-image filter and counting (report 003) ---
+
+
+def _discs_image(discs, shape=(128, 128), value=200, noise=4, seed=0):
+    """uint8 fluorescence-like image of bright discs (centre, radius) on a dark noisy background, and labels."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(20, noise, shape)
+    labels = np.zeros(shape, np.int32)
+    for k, (centre, radius) in enumerate(discs, start=1):
+        disc = _disc(shape, centre, radius)
+        image[disc] = value + rng.normal(0, noise, int(disc.sum()))
+        labels[disc] = k
+    return np.clip(image, 0, 255).astype(np.uint8), labels
+
+
+def test_equivalent_diameters_and_filter_by_diameter():
+    labels = np.zeros((100, 100), np.int32)
+    labels[_disc(labels.shape, (20, 20), 2)] = 1  # 13 px: diameter 4.07
+    labels[_disc(labels.shape, (50, 50), 8)] = 5  # 197 px: 15.8
+    labels[_disc(labels.shape, (75, 75), 20)] = 9  # 1257 px: 40.0
+    diameters = seg.equivalent_diameters(labels)
+    assert diameters[5] == pytest.approx(np.sqrt(4 * 197 / np.pi)) and 15 < diameters[5] < 17
+    kept = seg.filter_by_diameter(labels, (5, 30))
+    np.testing.assert_array_equal(np.unique(kept), [0, 1])
+    np.testing.assert_array_equal(kept > 0, labels == 5)
+    assert seg.filter_by_diameter(labels, (0, 100)).max() == 3
+
+
+def test_automatic_labels_known_discs():
+    image, labels = _discs_image([((30, 30), 3), ((30, 90), 8), ((85, 60), 20)])  # diameters about 6, 16, 40
+    auto = seg.automatic_labels(image)
+    assert auto.dtype == np.int32 and auto.max() == 2  # the 40 px nucleus is outside report 003's 5-30 px
+    match = metrics.match_instances(auto, np.where(labels == 3, 0, labels))
+    assert match["f1"] == 1.0 and match["mean_iou"] > 0.8
+    wide = seg.automatic_labels(image, diameter_range=(5, 60))
+    assert wide.max() == 3 and metrics.match_instances(wide, labels)["f1"] == 1.0
+    # 16-bit input: stretched to 8 bits first, same objects
+    auto16 = seg.automatic_labels(image.astype(np.uint16) * 3)
+    assert metrics.match_instances(auto16, auto)["f1"] == 1.0
+    assert seg.automatic_labels(np.full((64, 64), 7, np.uint8)).max() == 0
+
+
+def test_automatic_labels_split_touching_nuclei():
+    image, labels = _discs_image([((40, 40), 9), ((40, 57), 9)], shape=(96, 96))  # overlapping discs: a clump
+    merged = seg.automatic_labels(image, split_touching=False, diameter_range=None)
+    split = seg.automatic_labels(image, split_touching=True, diameter_range=None)
+    assert merged.max() == 1 and split.max() == 2
+    assert metrics.match_instances(split, labels)["f1"] == 1.0
+
+
+def test_automatic_labels_on_simulated_fluorescence_agree_with_the_truth():
+    field = synthetic.nuclei_field(shape=(256, 256), seed=4)
+    auto = seg.automatic_labels(field.fluorescence)
+    agreement = metrics.label_agreement([auto], [field.labels])
+    assert agreement["pixel_dice"] > 0.8 and agreement["object_f1"] > 0.7  # radii 6-14 px: inside 5-30 px
+
+
+def test_filter_label_images_drops_the_emptiest_quarter_and_overfull_images():
+    shares = [0.10, 0.02, 0.30, 0.60, 0.05, 0.20, 0.01, 0.15]
+    masks = []
+    for share in shares:
+        mask = np.zeros((10, 100), bool)
+        mask.ravel()[: int(round(share * 1000))] = True
+        masks.append(mask)
+    keep = seg.filter_label_images(masks)
+    # floor(8 * 0.25) = 2 lowest (0.01 and 0.02) and the image with more nucleus than background (0.60)
+    np.testing.assert_array_equal(keep, [True, False, True, False, True, True, False, True])
+    assert seg.filter_label_images(masks, drop_lowest=0.0, max_foreground=1.0).all()
+    assert seg.filter_label_images([]).shape == (0,)
+
+
+def test_count_nuclei_three_ways():
+    labels = np.zeros((80, 80), np.int32)
+    labels[_disc(labels.shape, (20, 20), 6)] = 1
+    labels[_disc(labels.shape, (20, 31), 6) & (labels == 0)] = 2  # touching nucleus 1: one component
+    labels[_disc(labels.shape, (60, 60), 6)] = 3
+    labels[70:72, 5:7] = 4  # a 4-px speck
+    mask = labels > 0
+    assert seg.count_nuclei(mask, "components") == 3.0  # the clump once, the speck once
+    assert seg.count_nuclei(mask, "components", min_size=10) == 2.0
+    assert seg.count_nuclei(mask, "watershed", min_size=10) == 3.0
+    disc_area = float(_disc(labels.shape, (60, 60), 6).sum())
+    by_area = seg.count_nuclei(mask, "area", typical_area=disc_area)
+    assert by_area == pytest.approx(mask.sum() / disc_area) and 2.8 < by_area < 3.2
+    assert seg.count_nuclei(mask, "area", min_size=10) == pytest.approx(mask.sum() / np.median([
+        (labels == 3).sum(), ((labels == 1) | (labels == 2)).sum()]))  # own median component area
+    assert seg.count_nuclei(np.zeros((5, 5), bool), "area") == 0.0
+    assert seg.typical_nucleus_area([labels]) == pytest.approx(np.median(np.bincount(labels.ravel())[1:]))
+    with pytest.raises(ValueError, match="unknown counting method"):
+        seg.count_nuclei(mask, "guess")

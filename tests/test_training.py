@@ -138,3 +138,69 @@ def test_early_stopping_waits_for_batch_norm_statistics():
     assert training.batch_norm_warmup_epochs(models.build("alexnet", 8, 28), steps_per_epoch=94) == 4
     assert training.batch_norm_warmup_epochs(models.build("cellnet", 8, 28), steps_per_epoch=10) == 3  # 0.9: 29
     assert training.batch_norm_warmup_epochs(models.build("lenet", 8, 28), steps_per_epoch=10) == 0
+
+
+# --- report 000's study (notebook 05) ------------------------------------------------------------------------
+
+
+def test_kfold_is_stratified_seeded_and_covers_every_image_once():
+    labels = np.repeat(np.arange(3), [8, 12, 4])
+    splits = training.kfold_indices(labels, 4, seed=1)
+    held = np.concatenate([h for _, h in splits])
+    assert sorted(held.tolist()) == list(range(len(labels)))
+    for train, h in splits:
+        assert not set(train) & set(h) and len(train) + len(h) == len(labels)
+        assert np.bincount(labels[h], minlength=3).tolist() == [2, 3, 1]
+    again = training.kfold_indices(labels, 4, seed=1)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, again, strict=True))
+    with pytest.raises(DataError, match="smallest class has 4"):
+        training.kfold_indices(labels, 5)
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        training.kfold_indices(labels, 1)
+
+
+def test_report000_augmentation_rotates_and_flips():
+    images = np.zeros((32, 15, 15, 3), np.uint8)
+    images[:, 7, :] = 255  # a horizontal bar: any rotation other than 0/180 degrees moves it
+    out = training.augment_batch(images, np.random.default_rng(0), "flip_rotate50")
+    assert out.shape == images.shape and out.dtype == np.uint8
+    assert not np.array_equal(out, images)
+    np.testing.assert_array_equal(out, training.augment_batch(images, np.random.default_rng(0), "flip_rotate50"))
+
+
+@pytest.mark.parametrize("name", list(training.STUDY_INPUTS))
+def test_study_inputs_keep_shape_and_dtype(name, real_data):
+    images = datasets.load_pbc28("test").images[:6]
+    for size in (28, 32):
+        out = training.study_images(images, name, size)
+        assert out.shape == (6, size, size, 3) and out.dtype == np.uint8
+    entry = training.study_input(name)
+    assert entry.preprocessing in models.PREPROCESSING and entry.augment in training.AUGMENTATIONS
+    if name == "canny":
+        assert set(np.unique(out)) <= {0, 255} and np.array_equal(out[..., 0], out[..., 2])
+    with pytest.raises(ValueError, match="unknown input 'blur'"):
+        training.study_input("blur")
+
+
+def test_study_table_averages_folds():
+    rows = [{"model": "m", "input": "a", "fold": f, "cv_accuracy": acc, "test_accuracy": 0.5, "train_seconds": 2.0}
+            for f, acc in ((1, 0.6), (2, 0.8))] + [{"model": "m", "input": "b", "fold": 1, "cv_accuracy": 0.3,
+                                                     "test_accuracy": 0.2, "train_seconds": 1.0}]
+    table = training.study_table(rows)
+    assert table.loc[("m", "a"), "cv_accuracy"] == pytest.approx(0.7)
+    assert table.loc[("m", "a"), "cv_accuracy_sd"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
+    assert table.loc[("m", "b"), "cv_accuracy_sd"] == 0 and table.loc[("m", "b"), "folds"] == 1
+    assert training.study_table(rows, by=["model"]).loc["m", "train_seconds"] == pytest.approx(5 / 3)
+
+
+def test_cross_validation_of_the_basic_cnn_on_real_pbc(pbc_small):
+    train, val = pbc_small
+    pool = training.per_class(train, 30)
+    rows = training.cross_validate("basic-cnn", "normalised", pool, val, folds=2,
+                                   config=training.FitConfig(epochs=3, batch_size=32), precision="float32",
+                                   throughput_seconds=0.1)
+    assert [r["fold"] for r in rows] == [1, 2] and all(r["n_held_out"] == 120 for r in rows)
+    for row in rows:
+        assert row["cv_accuracy"] > 0.3 and row["test_accuracy"] > 0.3  # chance is 0.125
+        assert set(row["test_f1_per_class"]) == set(pool.class_names)
+        assert row["params"] == 421_960 and row["images_per_second"] > 0 and row["peak_rss_mb"] > 0

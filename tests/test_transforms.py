@@ -463,3 +463,30 @@ def test_foreground_iou_and_contrast_to_noise():
     cnr = T.contrast_to_noise(image, top)
     assert cnr == pytest.approx(15, rel=0.1)  # 0.3 / 0.02
     assert T.contrast_to_noise(image * 2 - 1, top) == pytest.approx(cnr, rel=1e-4)
+
+
+def test_zscore_each_standardises_every_image_on_its_own():
+    rng = np.random.default_rng(0)
+    images = np.stack([rng.integers(0, 100, (6, 6, 3)), rng.integers(100, 256, (6, 6, 3)),
+                       np.full((6, 6, 3), 7)]).astype(np.uint8)
+    out = T.zscore_each(images)
+    assert out.dtype == np.float32 and out.shape == images.shape
+    np.testing.assert_allclose(out[:2].mean(axis=(1, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(out[:2].std(axis=(1, 2, 3)), 1, atol=1e-4)
+    np.testing.assert_array_equal(out[2], 0)  # a constant image
+    np.testing.assert_allclose(out[0], T.zscore(images[0]), atol=1e-5)  # the single-image version
+    np.testing.assert_array_equal(T.scale_raw(images), images.astype(np.float32))
+
+
+def test_cell_mask_input_keeps_the_central_stained_cell_only():
+    image = np.zeros((2, 28, 28, 3), np.uint8)
+    image[:] = (230, 190, 200)  # pink background: red above blue
+    rr, cc = disk((14, 14), 7, shape=(28, 28))
+    image[:, rr, cc] = (120, 60, 170)  # a purple cell in the middle: blue above red
+    out = T.cell_mask_input(image)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[:, rr, cc], image[:, rr, cc])
+    assert (out[:, 0, 0] == 0).all() and (out[:, 27, 27] == 0).all()
+    outside = np.ones((28, 28), bool)
+    outside[rr, cc] = False
+    assert (out[:, outside] == 0).mean() > 0.95

@@ -10,6 +10,7 @@
 from cellkit.datasets.containers import ImageSet, SegmentationSet
 from cellkit.datasets.loaders import (
     centre_crop_resize,
+    decode_image,
     load_class_folder,
     load_dsb2018,
     load_dsb2018_manifest,
@@ -32,6 +33,7 @@ __all__ = [
     "ImageSet",
     "SegmentationSet",
     "centre_crop_resize",
+    "decode_image",
     "dsb2018_split",
     "info",
     "load_class_folder",

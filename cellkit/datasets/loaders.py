@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -34,22 +35,30 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    return decode_image(path, tiff=path.suffix.lower() in (".tif", ".tiff"), name=str(path),
+                        hint="; replace or remove the file")
+
+
+def decode_image(source: str | Path | BinaryIO, tiff: bool, name: str, hint: str = "") -> np.ndarray:
+    """Decode an image from a path or an open binary stream (e.g. ``io.BytesIO`` of an upload) as
+    :func:`read_image` does; ``tiff`` picks ``tifffile`` over PIL. A one-line DataError names ``name``
+    (then ``hint``) when it cannot be decoded or is not a 2-D image."""
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
+        if tiff:
             import tifffile
 
-            array = np.asarray(tifffile.imread(path, key=0))
+            array = np.asarray(tifffile.imread(source, key=0))
         else:
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 array = _pil_to_array(image)
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise DataError(f"{path}: not a readable image ({error}); replace or remove the file") from None
+        raise DataError(f"{name}: not a readable image ({error}){hint}") from None
     if array.ndim == 3 and array.shape[-1] in (2, 4):  # grey+alpha or RGBA: alpha carries no signal here
         array = array[..., :-1]
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3):
-        raise DataError(f"{path}: expected a 2-D image, got an array of shape {array.shape}")
+        raise DataError(f"{name}: expected a 2-D image, got an array of shape {array.shape}")
     return array
 
 

@@ -1,0 +1,805 @@
+"""The interactive app (``cellkit app``, or ``shiny run cellkit/app.py``): a thin Shiny layer over the package.
+
+Four tabs, for people who do not code:
+
+- Performance: every classifier result recorded in ``figures/*/metrics.json`` (notebook runs) and in the
+  ``models/*.json`` files beside trained models, overall and per class, with confusion matrices and learning
+  curves, each row saying which profile and dataset produced it; U-Net scores likewise.
+- Compare: two of those classifiers side by side, with per-class F1 bars.
+- Classify: upload an image (PNG, JPEG, TIFF), choose a classifier and an input transformation (report 000's:
+  none, normalisation, Gaussian blur, Canny, Sobel); see the model's input, the predicted class and the
+  probabilities.
+- Segment: upload a fluorescence image; see the nuclei found by a U-Net, their count and a size histogram;
+  download the label mask (16-bit PNG).
+
+Uploads are checked by content (PNG, JPEG and TIFF signatures), size (:data:`MAX_UPLOAD_BYTES`) and pixel
+count (:data:`MAX_PIXELS`) before decoding; they are decoded in memory and Shiny's temporary copy is deleted
+at once. Models load with Keras' safe mode. The server listens on 127.0.0.1 unless told otherwise.
+
+>>> serve(models_dir="models", host="127.0.0.1", port=8000)    # what `cellkit app` calls
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellkit import config, plots, transforms
+from cellkit.datasets import DataError, decode_image, to_grey
+
+#: Largest accepted upload, in bytes (20 MiB).
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+#: Largest accepted image, in pixels (height x width): 16 megapixels, e.g. 4000 x 4000.
+MAX_PIXELS = 16_000_000
+#: File signatures (first bytes) of the accepted formats; the file name is never trusted.
+SIGNATURES: dict[bytes, str] = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"II+\x00": "TIFF",  # BigTIFF
+    b"MM\x00+": "TIFF",
+}
+NO_MODELS_HINT = ("make them with `make models`, or train one with `cellkit train classifier --out "
+                  "models/cellnet.keras` or `cellkit train unet --out models/unet.keras`")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Uploads: content checks, then decoding in memory
+# --------------------------------------------------------------------------------------------------------
+
+
+def image_format(data: bytes) -> str:
+    """``PNG``, ``JPEG`` or ``TIFF`` from the first bytes of ``data``; a one-line DataError for anything else."""
+    for signature, kind in SIGNATURES.items():
+        if data.startswith(signature):
+            return kind
+    raise DataError("not a PNG, JPEG or TIFF image (checked by its content, not its name)")
+
+
+def image_shape(data: bytes, kind: str) -> tuple[int, int]:
+    """(height, width) in pixels from the image header, without decoding the pixels."""
+    try:
+        if kind == "TIFF":
+            import tifffile
+
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                shape = tif.pages[0].shape
+                axes = tif.pages[0].axes
+            return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as image:
+            return int(image.height), int(image.width)
+    except Exception as error:  # noqa: BLE001 - any header failure is a bad upload, said in one line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"cannot read the {kind} header ({first})") from None
+
+
+def read_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Check and decode an uploaded image held in memory: (H, W) or (H, W, C) uint8/uint16, as stored.
+
+    Checked in this order, each failure a one-line DataError: size <= ``max_bytes``; a PNG, JPEG or TIFF
+    signature; height x width <= ``max_pixels`` (read from the header, before decoding); the decoding itself.
+    """
+    if not data:
+        raise DataError("the file is empty")
+    if len(data) > max_bytes:
+        raise DataError(f"the file is {len(data) / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:.0f} MiB")
+    kind = image_format(data)
+    height, width = image_shape(data, kind)
+    if height * width > max_pixels:
+        raise DataError(f"the image is {width} x {height} pixels ({height * width / 1e6:.1f} Mpx); the limit is "
+                        f"{max_pixels / 1e6:.0f} Mpx")
+    from PIL import Image
+
+    try:
+        return decode_image(io.BytesIO(data), tiff=kind == "TIFF", name=f"the {kind} image")
+    except (Image.DecompressionBombError, MemoryError) as error:
+        raise DataError(f"the {kind} image cannot be decoded ({type(error).__name__})") from None
+
+
+def take_upload(file_info: dict[str, Any], max_bytes: int = MAX_UPLOAD_BYTES) -> bytes:
+    """The bytes of a Shiny upload (``{"name", "size", "type", "datapath"}``), read into memory; the temporary
+    copy Shiny wrote is deleted straight away, so no uploaded content stays on disk."""
+    path = Path(file_info["datapath"])
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise DataError(f"the file is {size / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:.0f} MiB")
+        return path.read_bytes()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Models on disk
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelEntry:
+    """A ``.keras`` file in the models folder: its kind (``classifier`` or ``unet``), metadata and record."""
+
+    path: Path
+    kind: str
+    info: Any
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "unet":
+            return f"{self.path.name} (U-Net, {self.info.n_classes} output(s), {'+'.join(self.info.channels)})"
+        return f"{self.path.name} ({self.info.model}, {len(self.info.class_names)} classes, " \
+               f"{self.info.input_size}x{self.info.input_size})"
+
+
+def find_models(folder: str | Path) -> tuple[list[ModelEntry], list[str]]:
+    """The models in ``folder`` (``*.keras`` with the metadata cellkit writes inside), sorted by name, and one
+    line per file that is not one. Only the metadata is read here: no Keras, nothing loaded."""
+    from cellkit import models
+
+    entries, problems = [], []
+    for path in sorted(Path(folder).glob("*.keras")) if Path(folder).is_dir() else []:
+        kind = model_kind(path)
+        try:
+            entry = ModelEntry(path, kind, (models.read_unet_info if kind == "unet" else models.read_info)(path))
+        except (DataError, ValueError, KeyError) as error:
+            problems.append(f"{path.name}: {error}")
+            continue
+        side = models.sidecar_path(path)
+        entry.record = _read_json(side) or {}
+        entries.append(entry)
+    return entries, problems
+
+
+def model_kind(path: Path) -> str:
+    """``unet`` or ``classifier`` from the metadata inside a ``.keras`` file; a file without readable metadata
+    counts as a classifier, whose reader then says in one line what is wrong with it."""
+    from cellkit import models
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = json.loads(archive.read(models.METADATA_ENTRY))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
+        return "classifier"
+    return "unet" if isinstance(data, dict) and data.get("kind") == models.UNET_KIND else "classifier"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+_LOADED: dict[tuple[str, float], Any] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def load_model(entry: ModelEntry) -> Any:
+    """The loaded model of ``entry`` (safe mode on), kept in memory until its file changes."""
+    from cellkit import models
+
+    key = (str(entry.path.resolve()), entry.path.stat().st_mtime)
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            loader = models.load_unet if entry.kind == "unet" else models.load
+            _LOADED[key] = loader(entry.path)
+        return _LOADED[key]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Recorded results (Performance and Compare tabs)
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClassifierResult:
+    """One classifier's test (or validation) report with where it came from."""
+
+    name: str
+    source: str
+    profile: str
+    data: str
+    report: dict[str, Any]
+    part: str = "test"
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        return {"result": self.name, "accuracy": _round(self.report.get("accuracy")),
+                "macro-F1": _round(self.report.get("macro_f1")), "ROC AUC": _round(self.report.get("auc_ovr")),
+                "images": self.report.get("n"), "split": self.part, "profile": self.profile, "data": self.data,
+                "source": self.source}
+
+    def per_class(self) -> dict[str, dict[str, float]]:
+        return self.report.get("per_class") or {}
+
+
+def _round(value: Any, digits: int = 4) -> Any:
+    return round(float(value), digits) if isinstance(value, int | float) else value
+
+
+def _is_report(node: Any) -> bool:
+    return isinstance(node, dict) and {"per_class", "confusion_matrix", "accuracy"} <= set(node)
+
+
+def _reports_in(node: Any, trail: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+    """Every dict under ``node`` that holds a classification report under ``test`` (or, lacking a test
+    split, ``validation``), with the keys leading to it."""
+    found = []
+    if isinstance(node, dict):
+        for part in ("test", "validation"):
+            if _is_report(node.get(part)):
+                found.append((trail, node))
+                break
+        for key, value in node.items():
+            if key not in ("test", "validation"):
+                found += _reports_in(value, (*trail, str(key)))
+    return found
+
+
+def _provenance(record: dict[str, Any]) -> tuple[str, str]:
+    """(profile, data) of a notebook's metrics.json; synthetic stand-in data is named as such."""
+    names = sorted({d.get("name", "?") for d in (record.get("datasets") or {}).values()})
+    data = "SYNTHETIC stand-in" if record.get("synthetic_data") else ", ".join(names) or "-"
+    return str(record.get("profile", "?")), data
+
+
+def _result(name: str, source: str, profile: str, data: str, node: dict[str, Any]) -> ClassifierResult:
+    part = "test" if _is_report(node.get("test")) else "validation"
+    history = node.get("history") or (node.get("fit") or {}).get("history") or {}
+    return ClassifierResult(name, source, profile, data, node[part], part, history)
+
+
+def classifier_results(figures_dir: str | Path, models_dir: str | Path) -> list[ClassifierResult]:
+    """Classifier reports recorded by notebook runs (``figures/*/metrics.json``) and trained models
+    (``models/*.json``), in that order."""
+    results = []
+    for path in sorted(Path(figures_dir).glob("*/metrics.json")):
+        record = _read_json(path) or {}
+        profile, data = _provenance(record)
+        for trail, node in _reports_in(record.get("metrics") or {}):
+            name = f"{path.parent.name}: {'/'.join(trail) or 'model'}"
+            results.append(_result(name, f"figures/{path.parent.name}/metrics.json", profile, data, node))
+    for entry in find_models(models_dir)[0]:
+        if entry.kind == "classifier" and _reports_in(entry.record):
+            data = (entry.record.get("data") or {}).get("source") or entry.info.trained_on or "-"
+            source = f"models/{entry.path.with_suffix('.json').name}"
+            results.append(_result(f"{entry.path.name} ({entry.info.model})", source, "cellkit train classifier",
+                                   data, entry.record))
+    return results
+
+
+def segmentation_results(figures_dir: str | Path, models_dir: str | Path) -> list[dict[str, Any]]:
+    """U-Net scores at IoU 0.5 and SEG from notebook headlines and ``models/*.json``, one row each."""
+    rows = []
+    for path in sorted(Path(figures_dir).glob("*/metrics.json")):
+        record = _read_json(path) or {}
+        headline = record.get("headline") or {}
+        if "f1_iou50" in headline:
+            profile, data = _provenance(record)
+            rows.append({"result": f"{path.parent.name}: best U-Net", "F1": _round(headline.get("f1_iou50")),
+                         "AP": _round(headline.get("ap_iou50")), "SEG": _round(headline.get("seg")),
+                         "profile": profile, "data": data, "source": f"figures/{path.parent.name}/metrics.json"})
+    for entry in find_models(models_dir)[0]:
+        test = entry.record.get("test") if entry.kind == "unet" else None
+        if isinstance(test, dict):
+            rows.append({"result": entry.path.name, "F1": _round(test.get("f1")), "AP": _round(test.get("ap")),
+                         "SEG": _round(test.get("seg")), "profile": "cellkit train unet",
+                         "data": (entry.record.get("data") or {}).get("source") or "-",
+                         "source": f"models/{entry.path.with_suffix('.json').name}"})
+    return rows
+
+
+def per_class_f1(results: list[ClassifierResult]):
+    """A DataFrame of per-class F1 (rows: classes of the first result, columns: results)."""
+    import pandas as pd
+
+    columns = {r.name: {c: s.get("f1") for c, s in r.per_class().items()} for r in results}
+    return pd.DataFrame(columns).round(3)
+
+
+def default_pair(results: list[ClassifierResult]) -> tuple[str, str]:
+    """The two results the Compare tab opens with: the best non-ViT model and a ViT if one is recorded
+    (report 000's comparison), else the two best by accuracy."""
+    ranked = sorted(results, key=lambda r: -(r.report.get("accuracy") or 0))
+    vit = [r for r in ranked if "vit" in r.name.lower()]
+    cnn = [r for r in ranked if "vit" not in r.name.lower()]
+    pair = [cnn[0], vit[0]] if cnn and vit else ranked[:2]
+    names = [r.name for r in pair] + [r.name for r in ranked][: 2 - len(pair)]
+    return (names[0], names[-1]) if names else ("", "")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Classify and segment one image
+# --------------------------------------------------------------------------------------------------------
+
+
+def _normalise(image: np.ndarray) -> np.ndarray:
+    """Report 000's per-image normalisation (z-score), brought back to 0..255 by its own minimum and maximum."""
+    z = transforms.zscore(transforms.as_float(image))
+    span = float(z.max() - z.min())
+    return transforms.as_uint8((z - z.min()) / span if span > 0 else np.zeros_like(z))
+
+
+#: Input transformations of report 000 with its parameters, applied to the model's input (uint8 RGB at the
+#: model's size) as the report applied them to its 50x50 inputs.
+INPUT_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "none": lambda image: image,
+    "normalisation": _normalise,
+    "Gaussian blur 25x25": transforms.gaussian_blur,
+    "Canny 10/200": transforms.canny,
+    "Sobel": transforms.sobel,
+}
+
+
+@dataclass
+class Classification:
+    """What the Classify tab shows: the prepared and transformed model input, and the probabilities."""
+
+    prepared: np.ndarray
+    transformed: np.ndarray
+    probabilities: dict[str, float]
+    seconds: float
+
+    @property
+    def best(self) -> tuple[str, float]:
+        name = max(self.probabilities, key=self.probabilities.get)
+        return name, self.probabilities[name]
+
+
+def classify_image(trained: Any, image: np.ndarray, transform: str = "none") -> Classification:
+    """Prepare ``image`` as the model's training images were made (:meth:`TrainedModel.prepare`), apply the
+    input transformation ``transform`` (:data:`INPUT_TRANSFORMS`), and predict class probabilities."""
+    if transform not in INPUT_TRANSFORMS:
+        raise ValueError(f"unknown transformation {transform!r}; use {', '.join(INPUT_TRANSFORMS)}")
+    started = time.perf_counter()
+    prepared = trained.prepare([image])[0]
+    transformed = trained.prepare([INPUT_TRANSFORMS[transform](prepared)])[0]  # Canny is grey: back to RGB
+    proba = trained.predict_proba(transformed[None])[0]
+    probabilities = {name: float(p) for name, p in zip(trained.class_names, proba, strict=True)}
+    return Classification(prepared, transformed, probabilities, time.perf_counter() - started)
+
+
+@dataclass
+class Segmentation:
+    """What the Segment tab shows: instance labels (H, W) int32, the overlay (H, W, 3) float in [0, 1], and
+    the area of each nucleus in pixels."""
+
+    labels: np.ndarray
+    overlay: np.ndarray
+    areas: np.ndarray
+    seconds: float
+
+    @property
+    def count(self) -> int:
+        return int(self.areas.size)
+
+
+def segment_image(unet: Any, image: np.ndarray) -> Segmentation:
+    """Segment ``image`` with a loaded U-Net (tiled as recorded) and measure each nucleus."""
+    started = time.perf_counter()
+    labels, _ = unet.segment(image)
+    areas = np.bincount(labels.ravel())[1:]
+    grey = to_grey(image) if image.ndim == 3 else image
+    return Segmentation(labels, plots.overlay_instances(grey, labels), areas[areas > 0], time.perf_counter() - started)
+
+
+def label_png(labels: np.ndarray) -> bytes:
+    """Instance labels as 16-bit PNG bytes (0 background, one id per nucleus), as ``cellkit segment`` writes."""
+    import cv2
+
+    if labels.size and int(labels.max()) > np.iinfo(np.uint16).max:
+        raise DataError(f"{int(labels.max())} objects do not fit a 16-bit label PNG")
+    ok, buffer = cv2.imencode(".png", labels.astype(np.uint16))
+    if not ok:
+        raise DataError("could not encode the label image")
+    return buffer.tobytes()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------------
+
+
+def probability_bars(probabilities: dict[str, float], title: str = ""):
+    """Horizontal bars of class probabilities, the predicted class highlighted."""
+    import matplotlib.pyplot as plt
+
+    names = list(probabilities)
+    values = np.array([probabilities[n] for n in names])
+    fig, ax = plt.subplots(figsize=(5.5, 0.32 * len(names) + 1.0))
+    colours = ["tab:blue" if i == values.argmax() else "0.7" for i in range(len(names))]
+    bars = ax.barh(names[::-1], values[::-1], color=colours[::-1])
+    ax.bar_label(bars, labels=[f"{v:.3f}" for v in values[::-1]], fontsize=8, padding=2)
+    ax.set(xlim=(0, 1.12), xlabel="probability", title=title)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def fitted(fig: Any) -> Any:
+    """``fig`` laid out again whenever it is drawn: Shiny resizes a figure to its place in the page, and a
+    layout computed once at the old size would cut off labels."""
+    if fig is not None:
+        fig.set_layout_engine("tight")
+    return fig
+
+
+def image_panels(images: list[np.ndarray], titles: list[str]):
+    """Images side by side, pixels kept sharp (a 28x28 input is shown enlarged, not smoothed)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(images), figsize=(3.2 * len(images), 3.4), squeeze=False)
+    for ax, image, title in zip(axes[0], images, titles, strict=True):
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------
+# The Shiny app
+# --------------------------------------------------------------------------------------------------------
+
+ACCEPT = [".png", ".jpg", ".jpeg", ".tif", ".tiff"]
+
+
+def _choices(entries: list[ModelEntry], kind: str) -> dict[str, str]:
+    return {str(e.path): e.label for e in entries if e.kind == kind}
+
+
+def build_ui(models_dir: Path) -> Callable[[Any], Any]:
+    """The page, built per request so that models added since the server started are listed."""
+    from shiny import ui
+
+    def page(request: Any) -> Any:
+        entries, problems = find_models(models_dir)
+        classifiers, unets = _choices(entries, "classifier"), _choices(entries, "unet")
+        found = ui.tags.ul(*[ui.tags.li(e.label) for e in entries]) if entries else ui.p(
+            f"No models in {models_dir}: {NO_MODELS_HINT}.", class_="text-danger", id="no-models")
+        skipped = ui.p("Skipped: " + "; ".join(problems), class_="text-warning") if problems else None
+        missing_classifier = ui.p(f"No classifier found in {models_dir}: {NO_MODELS_HINT}.", class_="text-danger")
+        missing_unet = ui.p(f"No U-Net found in {models_dir}: {NO_MODELS_HINT}.", class_="text-danger")
+        limits = f"PNG, JPEG or TIFF; at most {MAX_UPLOAD_BYTES // 2**20} MiB and {MAX_PIXELS // 10**6} megapixels"
+        return ui.page_navbar(
+            ui.nav_panel(
+                "Performance",
+                ui.h4("Classifiers"),
+                ui.p("Every result recorded by a notebook run (figures/*/metrics.json) or beside a trained model "
+                     "(models/*.json). 'profile' and 'data' say which run and dataset produced each number."),
+                ui.output_table("perf_table"),
+                ui.input_select("perf_pick", "Details of", choices=[]),
+                ui.output_table("perf_per_class"),
+                ui.layout_columns(ui.output_plot("perf_confusion", height="420px"),
+                                  ui.output_plot("perf_curves", height="360px")),
+                ui.h4("Segmentation (IoU 0.5 matching, SEG)"),
+                ui.output_table("perf_segmentation"),
+                ui.h4("Models found"), found, skipped,
+            ),
+            ui.nav_panel(
+                "Compare",
+                ui.layout_columns(ui.input_select("cmp_a", "Model A", choices=[]),
+                                  ui.input_select("cmp_b", "Model B", choices=[])),
+                ui.output_table("cmp_table"),
+                ui.output_plot("cmp_bars", height="420px"),
+            ),
+            ui.nav_panel(
+                "Classify",
+                ui.layout_sidebar(
+                    ui.sidebar(
+                        ui.input_file("cls_file", "Cell image", accept=ACCEPT, button_label="Upload..."),
+                        ui.p(limits, class_="small text-muted"),
+                        ui.input_select("cls_model", "Model", choices=classifiers) if classifiers
+                        else missing_classifier,
+                        ui.input_select("cls_transform", "Input transformation", choices=list(INPUT_TRANSFORMS)),
+                        width=330,
+                    ),
+                    ui.output_ui("cls_status"),
+                    ui.layout_columns(ui.output_plot("cls_input", height="300px"),
+                                      ui.output_plot("cls_bars", height="340px")),
+                ),
+            ),
+            ui.nav_panel(
+                "Segment",
+                ui.layout_sidebar(
+                    ui.sidebar(
+                        ui.input_file("seg_file", "Fluorescence image", accept=ACCEPT, button_label="Upload..."),
+                        ui.p(limits, class_="small text-muted"),
+                        ui.input_select("seg_model", "U-Net", choices=unets) if unets else missing_unet,
+                        ui.output_ui("seg_download"),
+                        width=330,
+                    ),
+                    ui.output_ui("seg_status"),
+                    ui.layout_columns(ui.output_plot("seg_overlay", height="420px"),
+                                      ui.output_plot("seg_sizes", height="320px")),
+                ),
+            ),
+            title="cellkit", id="tab", window_title="cellkit app",
+        )
+
+    return page
+
+
+def _status(result: Any, prompt: str, error_id: str, shown: Callable[[Any], list[Any]]) -> Any:
+    """The status box of a tab: the prompt before an upload, the one-line error, or ``shown(result)``."""
+    from shiny import ui
+
+    if result is None:
+        return ui.p(prompt, class_="text-muted")
+    if isinstance(result, str):
+        return ui.div(f"Error: {result}", class_="alert alert-danger", role="alert", id=error_id)
+    return ui.div(*shown(result), class_="alert alert-success")
+
+
+def build_server(models_dir: Path, figures_dir: Path) -> Callable[..., None]:
+    """The server function: one reactive graph per browser session."""
+    from shiny import reactive, render, ui
+
+    def server(input: Any, output: Any, session: Any) -> None:
+        results = classifier_results(figures_dir, models_dir)
+        by_name = {r.name: r for r in results}
+        names = list(by_name)
+        first, second = default_pair(results)
+        ui.update_select("perf_pick", choices=names, selected=first or None)
+        ui.update_select("cmp_a", choices=names, selected=first or None)
+        ui.update_select("cmp_b", choices=names, selected=second or None)
+
+        # --- Performance and Compare -------------------------------------------------------------------
+        @render.table
+        def perf_table():
+            import pandas as pd
+
+            if not results:
+                return pd.DataFrame({"note": [f"no classifier results yet: run `make run` or `make models` "
+                                              f"({NO_MODELS_HINT})"]})
+            return pd.DataFrame([r.row() for r in results])
+
+        def picked() -> ClassifierResult | None:
+            return by_name.get(input.perf_pick())
+
+        @render.table
+        def perf_per_class():
+            import pandas as pd
+
+            result = picked()
+            if result is None:
+                return None
+            table = pd.DataFrame(result.per_class()).T.rename_axis("class").reset_index().round(3)
+            if "support" in table:
+                table["support"] = table["support"].astype(int)
+            return table
+
+        @render.plot
+        def perf_confusion():
+            result = picked()
+            if result is None:
+                return None
+            classes = result.report.get("class_names") or list(result.per_class())
+            return fitted(plots.confusion_heatmap(result.report["confusion_matrix"], classes,
+                                                  title=f"{result.name} ({result.part}, {result.profile})"))
+
+        @render.plot
+        def perf_curves():
+            result = picked()
+            if result is None or not result.history:
+                return None
+            return fitted(plots.learning_curves({result.name.split(": ")[-1]: result.history}))
+
+        @render.table
+        def perf_segmentation():
+            import pandas as pd
+
+            rows = segmentation_results(figures_dir, models_dir)
+            return pd.DataFrame(rows) if rows else pd.DataFrame(
+                {"note": ["no segmentation results yet: run notebook 07 or `make models`"]})
+
+        def compared() -> list[ClassifierResult]:
+            return [by_name[n] for n in (input.cmp_a(), input.cmp_b()) if n in by_name]
+
+        @render.table
+        def cmp_table():
+            import pandas as pd
+
+            return pd.DataFrame([r.row() for r in compared()]) if compared() else None
+
+        @render.plot
+        def cmp_bars():
+            chosen = compared()
+            if not chosen:
+                return None
+            table = per_class_f1(chosen)
+            table.columns = [f"{'AB'[i]}: {name}" for i, name in enumerate(table.columns)]
+            return fitted(plots.grouped_bars(table, title="per-class F1", ylabel="F1"))
+
+        # --- Classify ----------------------------------------------------------------------------------
+        @reactive.calc
+        def cls_image():
+            return _upload_or_error(input.cls_file())
+
+        @reactive.calc
+        def cls_result():
+            return _with_model(input, "cls_model", cls_image(), models_dir,
+                               lambda model, image: classify_image(model, image, input.cls_transform()))
+
+        @render.ui
+        def cls_status():
+            def shown(result: Classification) -> list[Any]:
+                name, p = result.best
+                return [ui.h4(f"Predicted class: {name}", id="cls-class"),
+                        ui.p(f"probability {p:.3f}; transformation: {input.cls_transform()}; "
+                             f"{result.seconds * 1000:.0f} ms")]
+
+            return _status(cls_result(), "Upload a cell image to classify it.", "cls-error", shown)
+
+        @render.plot
+        def cls_input():
+            result = cls_result()
+            if not isinstance(result, Classification):
+                return None
+            size = result.prepared.shape[0]
+            return fitted(image_panels([result.prepared, result.transformed],
+                                       [f"model input ({size}x{size})", f"after {input.cls_transform()}"]))
+
+        @render.plot
+        def cls_bars():
+            result = cls_result()
+            return fitted(probability_bars(result.probabilities, "class probabilities")) \
+                if isinstance(result, Classification) else None
+
+        # --- Segment -----------------------------------------------------------------------------------
+        @reactive.calc
+        def seg_image():
+            return _upload_or_error(input.seg_file())
+
+        @reactive.calc
+        def seg_result():
+            return _with_model(input, "seg_model", seg_image(), models_dir, segment_image)
+
+        @render.ui
+        def seg_status():
+            def shown(result: Segmentation) -> list[Any]:
+                h, w = result.labels.shape
+                mean = f"; mean area {result.areas.mean():.0f} px" if result.count else ""
+                return [ui.h4(f"{result.count} nuclei", id="seg-count"),
+                        ui.p(f"{w} x {h} pixels{mean}; {result.seconds:.1f} s")]
+
+            return _status(seg_result(), "Upload a fluorescence image of nuclei to segment and count them.",
+                           "seg-error", shown)
+
+        @render.plot
+        def seg_overlay():
+            result = seg_result()
+            return fitted(image_panels([result.overlay], [f"{result.count} nuclei"])) \
+                if isinstance(result, Segmentation) else None
+
+        @render.plot
+        def seg_sizes():
+            result = seg_result()
+            if not isinstance(result, Segmentation) or result.count < 2:
+                return None
+            return fitted(plots.distribution(result.areas, xlabel="nucleus area (pixels)", title="nucleus sizes",
+                                             bins=min(40, max(5, result.count // 2))))
+
+        @render.ui
+        def seg_download():
+            return ui.download_button("seg_labels", "Download label mask (16-bit PNG)") \
+                if isinstance(seg_result(), Segmentation) else None
+
+        @render.download_button(filename="labels.png", media_type="image/png")
+        def seg_labels():
+            result = seg_result()
+            if isinstance(result, Segmentation):
+                yield label_png(result.labels)
+
+    return server
+
+
+def _upload_or_error(files: list[dict[str, Any]] | None) -> np.ndarray | str | None:
+    """The decoded upload (the first of Shiny's file infos), the one-line reason it was refused (shown in the
+    page), or None before any upload. Called once per upload: the temporary copy is gone afterwards."""
+    if not files:
+        return None
+    name = files[0].get("name", "the file")
+    try:
+        return read_upload(take_upload(files[0]))
+    except DataError as error:
+        return f"{name}: {error}"
+    except OSError as error:
+        return f"{name}: could not read the upload ({error.strerror or error})"
+
+
+def _with_model(input: Any, select_id: str, image: np.ndarray | str | None, models_dir: Path,
+                step: Callable[[Any, np.ndarray], Any]) -> Any:
+    """``step(model, image)`` with the model chosen in select ``select_id``; passes on None and messages, and
+    turns a missing model or bad input into a one-line message."""
+    if image is None or isinstance(image, str):
+        return image
+    what = "classifier" if select_id == "cls_model" else "U-Net"
+    if select_id not in input:
+        return f"no {what} found in {models_dir}: {NO_MODELS_HINT}"
+    chosen = getattr(input, select_id)()
+    entry = next((e for e in find_models(models_dir)[0] if str(e.path) == chosen), None)
+    if entry is None:
+        return f"the model {Path(chosen).name} is gone; reload the page"
+    try:
+        return step(load_model(entry), image)
+    except (DataError, ValueError, MemoryError) as error:
+        return f"cannot use this image with the {what}: {error}"
+
+
+class UploadLimit:
+    """ASGI middleware: refuses a request body larger than ``max_bytes`` (413) before it reaches Shiny, which
+    would otherwise write any size to its temporary folder."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await _too_large(send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise DataError(f"request body over {self.max_bytes} bytes")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+async def _too_large(send: Callable) -> None:
+    body = b"upload too large"
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(models_dir: str | Path | None = None, figures_dir: str | Path | None = None) -> Any:
+    """The ASGI app: Shiny's app behind :class:`UploadLimit` (a margin of 1 MiB over :data:`MAX_UPLOAD_BYTES`,
+    so that a slightly larger file still reaches the page's own message)."""
+    from shiny import App
+
+    models_dir = Path(models_dir) if models_dir else config.models_dir()
+    figures_dir = Path(figures_dir) if figures_dir else config.figures_dir()
+    shiny_app = App(build_ui(models_dir), build_server(models_dir, figures_dir))
+    return UploadLimit(shiny_app, MAX_UPLOAD_BYTES + 2**20)
+
+
+def serve(models_dir: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
+          figures_dir: str | Path | None = None) -> None:
+    """Run the app with uvicorn until interrupted. Keras is imported first, so that the first upload does not
+    wait for it."""
+    import uvicorn
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras  # noqa: F401 - warm-up import: several seconds on a small CPU
+
+    app = create_app(models_dir, figures_dir)
+    print(f"cellkit app on http://{host}:{port} (models: {Path(models_dir or config.models_dir())})", flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: listening on {host}: other machines that reach it can use the app and upload images",
+              flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+#: For ``shiny run cellkit/app.py``: the project's models/ and figures/ folders.
+app = create_app()

@@ -1,0 +1,327 @@
+"""Clustering cells without labels (report 004, section 3): embeddings, k-means++, Gaussian mixtures,
+agglomerative clustering, kernel PCA (exact, and with a Nystroem approximation), the elbow and silhouette
+curves that choose k, agreement with known classes, and what kernel PCA costs as the number of cells grows.
+
+scikit-learn does the clustering; this module puts its pieces together the way the notebook and the report use
+them. Keras is imported only inside :func:`penultimate_embeddings`, so the rest loads fast and is tested without it.
+
+==========================================  ==============================================================
+:func:`penultimate_embeddings`              a trained classifier's last hidden layer, one vector per cell
+:func:`standardise`                         zero mean, unit variance per column; NaN columns dropped
+:func:`median_gamma`                        the RBF kernel width from the median pairwise distance
+:func:`nystroem_pca`, :func:`kernel_pca`    kernel PCA, approximated (linear in n) or exact (cubic in n)
+:func:`cluster`                             k-means++, Gaussian mixture or agglomerative (Ward) labels
+:func:`silhouette`                          mean silhouette of a clustering (on a sample of cells)
+:func:`k_curves`                            within-cluster sum of squares (elbow) and silhouette over k
+:func:`choose_k`                            the k of the highest silhouette
+:func:`agreement`, :func:`compare`          ARI and NMI against known classes, per embedding x method
+:func:`contingency`                         cells of each class in each cluster
+:func:`tsne_map`                            a 2-D map (t-SNE) for plots
+:func:`kernel_cost`, :func:`loglog_slope`   time and peak memory of both kernel PCAs as n grows
+:func:`per_image_outliers`                  Tukey-fence outliers of a measurement within each image
+==========================================  ==============================================================
+
+Conventions: an embedding ``X`` is a float array (n cells, d dimensions); cluster labels are int arrays (n,)
+with values 0..k-1; times are wall-clock seconds, memory is MiB (peak of Python-tracked allocations, which
+include NumPy arrays, during the fit).
+
+>>> X = standardise(penultimate_embeddings(trained, images))        # (n, 128)
+>>> Z = nystroem_pca(X, gamma=median_gamma(X), n_components=32)     # (n, 32)
+>>> labels = cluster(Z, "kmeans++", k=8)
+>>> agreement(true_labels, labels)                                   # {"ari": ..., "nmi": ...}
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import tracemalloc
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.cluster import AgglomerativeClustering, KMeans
+from sklearn.decomposition import PCA, KernelPCA
+from sklearn.kernel_approximation import Nystroem
+from sklearn.manifold import TSNE
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+from sklearn.metrics.pairwise import euclidean_distances
+from sklearn.mixture import GaussianMixture
+from threadpoolctl import threadpool_limits
+
+from cellkit.datasets import DataError
+
+#: Clustering methods of :func:`cluster`.
+METHODS = ("kmeans++", "gmm", "agglomerative")
+
+
+def one_openmp_thread(function: Callable) -> Callable:
+    """Run ``function`` with scikit-learn's OpenMP code (k-means, t-SNE, silhouette) on one thread.
+
+    OpenMP threads spin while they wait for each other; on a CPU shared with other jobs, k-means and t-SNE ran
+    10 to 30 times slower on two threads than on one (measured on a busy 2-core machine). BLAS is not limited.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with threadpool_limits(limits=1, user_api="openmp"):
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+# --- embeddings ------------------------------------------------------------------------------------------
+
+
+def penultimate_embeddings(trained: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The activations of a trained classifier's last hidden layer (the input of its softmax layer).
+
+    Parameters
+    ----------
+    trained : a :class:`cellkit.models.TrainedModel` (a Keras model and its metadata).
+    images : uint8 images (n, h, w, 3) of any size; they are brought to the model's input the way its training
+        images were made (:meth:`~cellkit.models.TrainedModel.prepare`) and scaled with its preprocessing.
+
+    Returns
+    -------
+    float32 array (n, d): d is the width of that layer (128 for ``cellnet``'s global average pooling, 84 for
+    the LeNets' last dense layer). Dropout is inactive at inference, so the values are deterministic.
+    """
+    from cellkit import models  # lazy: Keras loads only when embeddings are wanted
+
+    keras = models.keras_module()
+    model = trained.model
+    if len(model.layers) < 2:
+        raise DataError(f"model {model.name!r} has no hidden layer to take embeddings from")
+    head = keras.Model(model.input, model.layers[-2].output)
+    x = models.preprocess(trained.prepare(images), trained.info.preprocessing)
+    if not len(x):
+        return np.zeros((0, int(head.output.shape[-1])), np.float32)
+    parts = [np.asarray(head(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
+    return np.concatenate(parts).reshape(len(x), -1).astype(np.float32)
+
+
+def standardise(X: np.ndarray | pd.DataFrame) -> np.ndarray:
+    """Columns scaled to zero mean and unit variance (float64, (n, d')).
+
+    Columns with any NaN or with zero variance carry no usable distance information and are dropped, so d' <= d.
+    Without it, k-means on hand-crafted features would cluster on whichever feature has the largest units.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or len(X) < 2:
+        raise DataError(f"need an (n, d) array with n >= 2 cells, got shape {X.shape}")
+    keep = ~np.isnan(X).any(axis=0) & (np.nanstd(X, axis=0) > 0)
+    if not keep.any():
+        raise DataError("no column of the embedding varies: nothing to cluster on")
+    X = X[:, keep]
+    return (X - X.mean(axis=0)) / X.std(axis=0)
+
+
+# --- kernel PCA ----------------------------------------------------------------------------------------
+
+
+def median_gamma(X: np.ndarray, sample: int = 1000, seed: int = 0) -> float:
+    """RBF kernel width ``gamma = 1 / median squared distance`` between cells (the median heuristic).
+
+    The RBF kernel is ``exp(-gamma * ||x - y||^2)``. If gamma is too large every cell is only similar to itself
+    (the kernel matrix tends to the identity); if too small every pair looks alike (all ones). With gamma set
+    from the median squared distance, a typical pair has similarity ``exp(-1) = 0.37``. Report 004's gamma of
+    about 1e-5 is this scale for 4,608-dimensional VGG outputs, whose squared distances are about 1e5.
+    ``sample`` cells (chosen with ``seed``) are enough to estimate the median.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    pick = X[rng.permutation(len(X))[:sample]] if len(X) > sample else X
+    d2 = euclidean_distances(pick, squared=True)[np.triu_indices(len(pick), k=1)]
+    median = float(np.median(d2)) if d2.size else 0.0
+    if median <= 0:
+        raise DataError("all cells are identical: no kernel width fits")
+    return 1.0 / median
+
+
+def nystroem_pca(X: np.ndarray, gamma: float, n_components: int = 32, n_landmarks: int = 300,
+                 seed: int = 0) -> np.ndarray:
+    """Kernel PCA with the Nystroem approximation (report 004, section 3.4): (n, n_components) float64.
+
+    ``n_landmarks`` cells define an explicit feature map whose inner products approximate the RBF kernel; PCA in
+    that space then costs O(n * n_landmarks^2), linear in n, where exact kernel PCA is cubic.
+    """
+    n_landmarks = min(n_landmarks, len(X))
+    features = Nystroem(kernel="rbf", gamma=gamma, n_components=n_landmarks, random_state=seed).fit_transform(X)
+    n_components = min(n_components, n_landmarks, len(X))
+    return PCA(n_components=n_components, random_state=seed).fit_transform(features)
+
+
+def kernel_pca(X: np.ndarray, gamma: float, n_components: int = 32, seed: int = 0) -> np.ndarray:
+    """Exact RBF kernel PCA: (n, n_components) float64. Builds the full n x n kernel matrix (8 n^2 bytes) and
+    eigendecomposes it (O(n^3) time), so use it on a few thousand cells at most."""
+    n_components = min(n_components, len(X) - 1)
+    return KernelPCA(n_components=n_components, kernel="rbf", gamma=gamma, eigen_solver="dense",
+                     random_state=seed).fit_transform(X)
+
+
+# --- clustering ------------------------------------------------------------------------------------------
+
+
+@one_openmp_thread
+def cluster(X: np.ndarray, method: str, k: int, seed: int = 0) -> np.ndarray:
+    """Cluster labels (n,) int64 in 0..k-1.
+
+    Methods (:data:`METHODS`): ``kmeans++`` (k-means with k-means++ seeding, best of 10 starts),
+    ``gmm`` (Gaussian mixture with diagonal covariances, k-means start; full covariances need d^2 parameters per
+    cluster, too many for 128 dimensions and a few hundred cells each) and ``agglomerative`` (Ward linkage, which
+    merges the pair of clusters that increases the within-cluster sum of squares least).
+    """
+    X = np.asarray(X, dtype=np.float64)
+    if not 2 <= k <= len(X):
+        raise DataError(f"k must be between 2 and the number of cells ({len(X)}), got {k}")
+    if method == "kmeans++":
+        return KMeans(n_clusters=k, init="k-means++", n_init=10, random_state=seed).fit_predict(X)
+    if method == "gmm":
+        gmm = GaussianMixture(n_components=k, covariance_type="diag", n_init=2, reg_covar=1e-4, random_state=seed)
+        return gmm.fit(X).predict(X)
+    if method == "agglomerative":
+        return AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(X).astype(np.int64)
+    raise DataError(f"unknown clustering method {method!r}; use one of {', '.join(METHODS)}")
+
+
+@one_openmp_thread
+def silhouette(X: np.ndarray, labels: Sequence[int], sample: int = 2000, seed: int = 0) -> float:
+    """Mean silhouette of a clustering, -1..1 (higher: compact, separated clusters), on at most ``sample`` cells
+    chosen with ``seed`` (its cost grows as n^2); NaN when there is only one cluster."""
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(silhouette_score(X, labels, sample_size=min(sample, len(X)), random_state=seed))
+
+
+@one_openmp_thread
+def k_curves(X: np.ndarray, ks: Sequence[int], seed: int = 0, silhouette_sample: int = 2000) -> pd.DataFrame:
+    """The elbow and silhouette curves of k-means++ over ``ks``.
+
+    Returns a DataFrame indexed by ``k`` with ``wcss`` (within-cluster sum of squares, the k-means objective, in
+    squared units of ``X``; it always falls as k grows, so one looks for the elbow where it stops falling fast)
+    and ``silhouette`` (mean over cells of (b - a) / max(a, b), a = mean distance to the own cluster, b = to the
+    nearest other cluster; -1..1, higher is better; on at most ``silhouette_sample`` cells).
+    """
+    rows = []
+    for k in ks:
+        km = KMeans(n_clusters=int(k), init="k-means++", n_init=10, random_state=seed).fit(X)
+        rows.append({"k": int(k), "wcss": float(km.inertia_),
+                     "silhouette": silhouette(X, km.labels_, silhouette_sample, seed)})
+    return pd.DataFrame(rows).set_index("k")
+
+
+def choose_k(curves: pd.DataFrame) -> int:
+    """The k with the highest silhouette in a :func:`k_curves` table (the elbow is read by eye)."""
+    return int(curves["silhouette"].idxmax())
+
+
+def agreement(truth: Sequence[int], labels: Sequence[int]) -> dict[str, float]:
+    """Adjusted Rand index (``ari``: 0 for chance, 1 for identical partitions, can be negative) and normalised
+    mutual information (``nmi``: 0..1, arithmetic mean normalisation) between known classes and clusters."""
+    return {"ari": float(adjusted_rand_score(truth, labels)), "nmi": float(normalized_mutual_info_score(truth, labels))}
+
+
+@one_openmp_thread
+def compare(embeddings: Mapping[str, np.ndarray], methods: Sequence[str], k: int, truth: Sequence[int],
+            seed: int = 0, silhouette_sample: int = 2000) -> tuple[pd.DataFrame, dict[tuple[str, str], np.ndarray]]:
+    """Every embedding x method at ``k`` clusters, scored against ``truth``.
+
+    Returns a table (index ``embedding``, ``method``) with ``ari``, ``nmi``, ``silhouette`` (in that embedding's
+    space, on at most ``silhouette_sample`` cells) and ``seconds`` (wall clock of the clustering), and the labels
+    of each combination.
+    """
+    rows, labels = [], {}
+    for name, X in embeddings.items():
+        for method in methods:
+            started = time.perf_counter()
+            found = cluster(X, method, k, seed)
+            seconds = time.perf_counter() - started
+            rows.append({"embedding": name, "method": method, **agreement(truth, found),
+                         "silhouette": silhouette(X, found, silhouette_sample, seed), "seconds": seconds})
+            labels[(name, method)] = found
+    return pd.DataFrame(rows).set_index(["embedding", "method"]), labels
+
+
+def contingency(truth: Sequence[int], labels: Sequence[int], class_names: Sequence[str]) -> pd.DataFrame:
+    """Cells of each class (rows, named) in each cluster (columns ``c0``, ``c1``...), as counts."""
+    truth, labels = np.asarray(truth), np.asarray(labels)
+    k = int(labels.max()) + 1 if labels.size else 0
+    table = np.zeros((len(class_names), k), np.int64)
+    np.add.at(table, (truth, labels), 1)
+    return pd.DataFrame(table, index=list(class_names), columns=[f"c{j}" for j in range(k)])
+
+
+@one_openmp_thread
+def tsne_map(X: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
+    """A 2-D t-SNE map (n, 2) for plots. Distances between far-apart groups in it mean little; only who sits
+    next to whom does. Runs on the first 50 principal components when X is wider, as is customary."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.shape[1] > 50:
+        X = PCA(n_components=50, random_state=seed).fit_transform(X)
+    perplexity = min(perplexity, (len(X) - 1) / 3)
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(X)
+
+
+# --- cost of kernel PCA ------------------------------------------------------------------------------------
+
+
+def measure(function: Callable[[], Any]) -> tuple[float, float]:
+    """Wall-clock seconds and peak traced memory (MiB) of one call of ``function``."""
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        function()
+        seconds = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return seconds, peak / 2**20
+
+
+def kernel_cost(X: np.ndarray, sizes: Sequence[int], gamma: float, n_components: int = 32, n_landmarks: int = 300,
+                exact_max: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """Time and peak memory of :func:`nystroem_pca` and :func:`kernel_pca` on the first n cells of ``X``.
+
+    ``exact_max`` skips exact kernel PCA above that n (it is the one that grows cubically). Returns a long
+    table with ``n``, ``method`` (``nystroem+pca`` or ``exact kpca``), ``seconds`` and ``peak_mb``.
+    """
+    rows = []
+    for n in sizes:
+        if n > len(X):
+            raise DataError(f"kernel_cost: n = {n} but only {len(X)} cells were given")
+        part = X[:n]
+        runs = {"nystroem+pca": lambda p=part: nystroem_pca(p, gamma, n_components, n_landmarks, seed)}
+        if exact_max is None or n <= exact_max:
+            runs["exact kpca"] = lambda p=part: kernel_pca(p, gamma, n_components, seed)
+        for method, function in runs.items():
+            seconds, peak = measure(function)
+            rows.append({"n": int(n), "method": method, "seconds": seconds, "peak_mb": peak})
+    return pd.DataFrame(rows)
+
+
+def loglog_slope(n: Sequence[float], values: Sequence[float]) -> float:
+    """The exponent b of ``values ~ a * n^b``, fitted by least squares on log-log axes (1 linear, 3 cubic)."""
+    n, values = np.asarray(n, dtype=float), np.asarray(values, dtype=float)
+    if len(n) < 2:
+        raise DataError("need at least two sizes to fit a slope")
+    return float(np.polyfit(np.log(n), np.log(values), 1)[0])
+
+
+# --- atypical cells -------------------------------------------------------------------------------------
+
+
+def per_image_outliers(values: Sequence[float], groups: Sequence[Any], fence: float = 1.5) -> np.ndarray:
+    """Boolean (n,): True where a value lies outside its group's Tukey fences [Q1 - fence*IQR, Q3 + fence*IQR].
+
+    Used per image so that a nucleus is atypical relative to the nuclei it was imaged with, not to other
+    microscopes or magnifications. Groups of fewer than 4 values flag nothing.
+    """
+    frame = pd.DataFrame({"v": np.asarray(values, dtype=float), "g": list(groups)})
+    grouped = frame.groupby("g")["v"]
+    q1, q3, size = grouped.transform(lambda v: v.quantile(0.25)), grouped.transform(lambda v: v.quantile(0.75)), \
+        grouped.transform("size")
+    iqr = q3 - q1
+    outside = (frame["v"] < q1 - fence * iqr) | (frame["v"] > q3 + fence * iqr)
+    return (outside & (size >= 4)).to_numpy()

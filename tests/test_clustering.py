@@ -1,0 +1,183 @@
+"""cellkit.clustering on blobs and rings whose clusters are known."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_blobs, make_circles
+
+from cellkit import clustering
+from cellkit.datasets import DataError
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    """Four well-separated Gaussian blobs in 10 dimensions, 60 points each."""
+    X, y = make_blobs(n_samples=240, centers=4, n_features=10, cluster_std=1.0, center_box=(-20, 20), random_state=3)
+    return X, y
+
+
+def test_clustering_imports_no_keras():
+    code = "import sys, cellkit.clustering; print(any(m in sys.modules for m in ('keras', 'tensorflow')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("method", clustering.METHODS)
+def test_every_method_recovers_separated_blobs(blobs, method):
+    X, y = blobs
+    labels = clustering.cluster(X, method, k=4, seed=0)
+    assert labels.shape == (240,) and set(np.unique(labels)) == {0, 1, 2, 3}
+    assert clustering.agreement(y, labels) == {"ari": pytest.approx(1.0), "nmi": pytest.approx(1.0)}
+
+
+def test_cluster_rejects_bad_k_and_method(blobs):
+    X, _ = blobs
+    with pytest.raises(DataError, match="k must be"):
+        clustering.cluster(X, "kmeans++", k=1)
+    with pytest.raises(DataError, match="unknown clustering method"):
+        clustering.cluster(X, "dbscan", k=4)
+
+
+def test_agreement_known_values():
+    assert clustering.agreement([0, 0, 1, 1], [1, 1, 0, 0]) == {"ari": 1.0, "nmi": 1.0}  # names do not matter
+    independent = clustering.agreement([0, 0, 1, 1], [0, 1, 0, 1])
+    assert independent["nmi"] == pytest.approx(0.0, abs=1e-12)
+    assert independent["ari"] == pytest.approx(-0.5)  # worse than chance: every pair split the other way
+
+
+def test_k_curves_elbow_and_silhouette_point_at_the_true_k(blobs):
+    X, _ = blobs
+    curves = clustering.k_curves(X, range(2, 8), seed=0)
+    assert list(curves.index) == [2, 3, 4, 5, 6, 7]
+    assert curves["wcss"].is_monotonic_decreasing
+    assert clustering.choose_k(curves) == 4
+    drops = -curves["wcss"].diff()
+    assert drops.loc[4] > 5 * drops.loc[5]  # the elbow: past k=4 splitting a blob gains little
+
+
+def test_wcss_equals_the_kmeans_objective():
+    X = np.array([[0.0], [2.0], [10.0], [12.0]])
+    curves = clustering.k_curves(X, [2], seed=0)
+    assert curves.loc[2, "wcss"] == pytest.approx(4.0)  # each point 1 from its centre: 4 * 1^2
+
+
+def test_standardise_drops_constant_and_nan_columns():
+    X = np.array([[1.0, 5.0, np.nan, 0.0], [3.0, 5.0, 1.0, 10.0], [5.0, 5.0, 2.0, 20.0]])
+    Z = clustering.standardise(X)
+    assert Z.shape == (3, 2)
+    np.testing.assert_allclose(Z.mean(axis=0), 0, atol=1e-12)
+    np.testing.assert_allclose(Z.std(axis=0), 1)
+    with pytest.raises(DataError, match="n >= 2"):
+        clustering.standardise(np.zeros((1, 3)))
+
+
+def test_median_gamma_is_inverse_median_squared_distance():
+    X = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])  # squared distances 9, 16, 25
+    assert clustering.median_gamma(X) == pytest.approx(1 / 16)
+    with pytest.raises(DataError, match="identical"):
+        clustering.median_gamma(np.ones((5, 2)))
+
+
+def test_kernel_pca_separates_rings_that_kmeans_cannot():
+    X, y = make_circles(n_samples=300, factor=0.3, noise=0.04, random_state=0)
+    plain = clustering.agreement(y, clustering.cluster(X, "kmeans++", 2))["ari"]
+    assert plain < 0.1  # a straight boundary cannot split concentric rings
+    gamma = 3.0  # the rings are about 0.7 apart: kernel exp(-3 * 0.49) = 0.23 between them, near 1 along a ring
+    exact = clustering.kernel_pca(X, gamma, n_components=4)
+    approx = clustering.nystroem_pca(X, gamma, n_components=4, n_landmarks=100)
+    assert exact.shape == (300, 4) and approx.shape == (300, 4)
+    for Z in (exact, approx):
+        assert clustering.agreement(y, clustering.cluster(Z[:, :2], "kmeans++", 2))["ari"] > 0.95
+    # too narrow a kernel: points on the outer ring no longer look alike, and the rings are lost again
+    narrow = clustering.kernel_pca(X, 30.0, n_components=4)
+    assert clustering.agreement(y, clustering.cluster(narrow[:, :2], "kmeans++", 2))["ari"] < 0.5
+
+
+def test_nystroem_with_all_points_as_landmarks_matches_exact_kernel_pca(blobs):
+    X, _ = blobs
+    gamma = clustering.median_gamma(X)
+    exact = clustering.kernel_pca(X, gamma, n_components=3)
+    approx = clustering.nystroem_pca(X, gamma, n_components=3, n_landmarks=len(X))
+    for j in range(3):  # the same components up to sign
+        assert abs(np.corrcoef(exact[:, j], approx[:, j])[0, 1]) > 0.999
+
+
+def test_compare_table_and_labels(blobs):
+    X, y = blobs
+    table, labels = clustering.compare({"blobs": X, "noise": np.random.default_rng(0).normal(size=X.shape)},
+                                       ["kmeans++", "agglomerative"], k=4, truth=y)
+    assert list(table.index) == [("blobs", "kmeans++"), ("blobs", "agglomerative"),
+                                 ("noise", "kmeans++"), ("noise", "agglomerative")]
+    assert table.loc[("blobs", "kmeans++"), "ari"] == pytest.approx(1.0)
+    assert table.loc[("noise", "kmeans++"), "ari"] < 0.05
+    assert table.loc[("blobs", "kmeans++"), "silhouette"] > 0.7
+    assert labels[("noise", "agglomerative")].shape == (240,)
+
+
+def test_contingency_counts():
+    table = clustering.contingency([0, 0, 1, 1, 1], [1, 1, 0, 0, 1], ["a", "b"])
+    assert table.to_dict() == {"c0": {"a": 0, "b": 2}, "c1": {"a": 2, "b": 1}}
+
+
+def test_tsne_keeps_blobs_apart(blobs):
+    X, y = blobs
+    Y = clustering.tsne_map(X, seed=0, perplexity=20)
+    assert Y.shape == (240, 2)
+    assert clustering.agreement(y, clustering.cluster(Y, "kmeans++", 4))["ari"] > 0.95
+
+
+def test_kernel_cost_exact_grows_faster_than_nystroem():
+    X = np.random.default_rng(0).normal(size=(800, 8))
+    cost = clustering.kernel_cost(X, [200, 400, 800], gamma=0.1, n_components=8, n_landmarks=100)
+    assert set(cost["method"]) == {"nystroem+pca", "exact kpca"} and len(cost) == 6
+    exact = cost[cost["method"] == "exact kpca"]
+    nys = cost[cost["method"] == "nystroem+pca"]
+    # the kernel matrix alone is 8 n^2 bytes: 4.9 MiB at n = 800; Nystroem's map is 8 n * 100 bytes
+    assert exact["peak_mb"].iloc[-1] > 4.8
+    assert nys["peak_mb"].iloc[-1] < exact["peak_mb"].iloc[-1] / 3
+    assert clustering.loglog_slope(exact["n"], exact["peak_mb"]) > 1.7  # quadratic memory
+    assert clustering.loglog_slope(nys["n"], nys["peak_mb"]) < 1.3  # linear memory
+    with pytest.raises(DataError, match="only 800 cells"):
+        clustering.kernel_cost(X, [2000], gamma=0.1)
+
+
+def test_kernel_cost_can_skip_exact_above_a_size():
+    X = np.random.default_rng(0).normal(size=(200, 4))
+    cost = clustering.kernel_cost(X, [100, 200], gamma=0.1, n_components=4, n_landmarks=50, exact_max=100)
+    assert cost.groupby("method").size().to_dict() == {"exact kpca": 1, "nystroem+pca": 2}
+
+
+def test_loglog_slope_known_powers():
+    n = np.array([100, 200, 400, 800])
+    assert clustering.loglog_slope(n, 3 * n) == pytest.approx(1.0)
+    assert clustering.loglog_slope(n, 1e-9 * n**3) == pytest.approx(3.0)
+
+
+def test_per_image_outliers_uses_each_images_own_fences():
+    values = [10, 11, 12, 13, 50] + [100, 101, 102, 103, 104] + [1, 2]
+    groups = ["a"] * 5 + ["b"] * 5 + ["c"] * 2
+    flags = clustering.per_image_outliers(values, groups)
+    assert flags.tolist() == [False] * 4 + [True] + [False] * 5 + [False, False]  # 100 is normal in image b
+
+
+def test_penultimate_embeddings_of_a_tiny_model():
+    from cellkit import models
+
+    keras = models.keras_module()
+    inputs = keras.Input((8, 8, 3))
+    hidden = keras.layers.Dense(5, name="hidden")(keras.layers.Flatten()(inputs))
+    outputs = keras.layers.Dense(2, activation="softmax", name="output")(hidden)
+    info = models.ModelInfo(model="tiny", class_names=["a", "b"], input_size=8, preprocessing="pm1")
+    trained = models.TrainedModel(keras.Model(inputs, outputs), info)
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
+    emb = clustering.penultimate_embeddings(trained, images, batch_size=2)
+    assert emb.shape == (3, 5) and emb.dtype == np.float32
+    x = models.preprocess(images, "pm1").reshape(3, -1)
+    kernel, bias = trained.model.get_layer("hidden").get_weights()
+    np.testing.assert_allclose(emb, x @ kernel + bias, rtol=1e-4, atol=1e-4)
+    assert clustering.penultimate_embeddings(trained, images[:0]).shape == (0, 5)
+
