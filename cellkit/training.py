@@ -1199,7 +1199,7 @@ class ClassifierRun:
         }
 
 
-def _scores(model: Any, x_val: np.ndarray, y_val: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+def _val_test_reports(model: Any, x_val: np.ndarray, y_val: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
             class_names: Sequence[str], preprocessing: str | None) -> tuple[dict, dict, np.ndarray]:
     reports = []
     for x, y in ((x_val, y_val), (x_test, y_test)):
@@ -1236,8 +1236,8 @@ def transfer_run(base: Any, cache: TargetCache, class_names: Sequence[str], vari
     used = len(x) + len(cache.labels["val"])
     total = sum(len(v) for k, v in cache.labels.items() if k != "test")
     seconds = {"cache": cache.seconds * used / max(total, 1), **{k: f.seconds for k, f in fits.items()}}
-    val_report, test_report, proba = _scores(model, cache.lower["val"], cache.labels["val"], cache.lower["test"],
-                                             cache.labels["test"], class_names, None)
+    val_report, test_report, proba = _val_test_reports(model, cache.lower["val"], cache.labels["val"],
+                                                       cache.lower["test"], cache.labels["test"], class_names, None)
     return ClassifierRun(name, model, fits, seconds, val_report, test_report, proba, upper)
 
 
@@ -1257,8 +1257,8 @@ def scratch_run(train: ImageSet, val: ImageSet, test: ImageSet, variant: str = "
     config = FitConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, patience=epochs,
                        class_weight="balanced" if variant.endswith("class_weights") else None)
     result = fit(model, x, y, val.images, val.labels, config, "caffe", seed, progress, name, max_seconds)
-    val_report, test_report, proba = _scores(model, val.images, val.labels, test.images, test.labels,
-                                             train.class_names, "caffe")
+    val_report, test_report, proba = _val_test_reports(model, val.images, val.labels, test.images, test.labels,
+                                                       train.class_names, "caffe")
     return ClassifierRun(name, model, {"scratch": result}, {"scratch": result.seconds}, val_report, test_report,
                          proba)
 
