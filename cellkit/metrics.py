@@ -142,6 +142,40 @@ def _auc_ovr(yt: np.ndarray, y_score: np.ndarray, names: list[str], per_class: d
     return out
 
 
+def multilabel_auc(y_true: np.ndarray, y_score: np.ndarray, label_names: Sequence[str]) -> dict:
+    """ROC AUC of each label (columns of ``y_true`` (n, L) 0/1 and ``y_score`` (n, L)) and their macro mean.
+
+    Returns ``{"per_label": {name: auc or None}, "macro": mean over defined labels}``; a label whose column is
+    all 0 or all 1 has no ROC curve (None).
+    """
+    yt, score = np.asarray(y_true), np.asarray(y_score, dtype=float)
+    if yt.shape != score.shape or yt.ndim != 2 or yt.shape[1] != len(label_names):
+        raise ValueError(f"y_true and y_score must both be (n, {len(label_names)}), got {yt.shape} and {score.shape}")
+    per_label = {}
+    for j, name in enumerate(label_names):
+        column = yt[:, j].astype(bool)
+        per_label[str(name)] = float(skm.roc_auc_score(column, score[:, j])) if 0 < column.sum() < len(column) \
+            else None
+    defined = [v for v in per_label.values() if v is not None]
+    return {"per_label": per_label, "macro": float(np.mean(defined)) if defined else None}
+
+
+def confusion_distances(matrix: Sequence[Sequence[int]]) -> np.ndarray:
+    """Class distances (k, k) from a confusion matrix (rows true, columns predicted): 1 minus the mean of the two
+    confusion rates, d(i, j) = 1 - (P[i, j] + P[j, i]) / 2 with P the row-normalised matrix; 0 on the diagonal.
+
+    Classes the model confuses often are close, so single linkage on these distances (report 004's dendrogram)
+    merges the most confused pair first.
+    """
+    counts = np.asarray(matrix, dtype=float)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
+        raise ValueError(f"a confusion matrix must be square, got shape {counts.shape}")
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    distances = 1 - (rates + rates.T) / 2
+    np.fill_diagonal(distances, 0.0)
+    return distances
+
+
 # --------------------------------------------------------------------------------------------------------
 # Segmentation: input checks and the contingency table every metric starts from
 # --------------------------------------------------------------------------------------------------------

@@ -25,6 +25,10 @@ test-time augmentation; :func:`load` reads both back with Keras' safe mode on.
 Keras is imported on first use, so that ``import cellkit.models`` (e.g. to list the model names, or to
 reject an unknown one) stays fast.
 
+The VGG16 section (report 004): :func:`build_vgg16_base` (``keras.applications.VGG16`` without its top; ImageNet
+weights read from disk only, see :func:`vgg16_weights`), :func:`build_transfer_head`, :func:`split_vgg16` and
+:func:`build_vgg16_classifier`; its inputs are scaled with ``caffe`` (:data:`PREPROCESSING`).
+
 The U-Net section at the end (reports 002, 003): :func:`build_unet`, its two losses, :class:`UNetInfo` and
 :class:`TrainedUNet` (any image in, instance labels out), :func:`save_unet` / :func:`load_unet`, and the file-level
 work of ``cellkit segment`` and ``cellkit evaluate segmentation`` (:func:`segment_files`,
@@ -785,6 +789,155 @@ def classify_files(trained: TrainedModel, files: Sequence[Path], tta: str | None
             row.update({f"p_{name}": float(v) for name, v in zip(trained.class_names, p, strict=True)})
             rows.append(row)
     return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# VGG16 transfer (report 004)
+# --------------------------------------------------------------------------------------------------------
+#
+# Report 004 put two dense ReLU layers, dropout and a softmax on an ImageNet VGG16 base. The base here is
+# ``keras.applications.VGG16(include_top=False)``; its ImageNet weights are used only when the file is on disk
+# (Keras' cache or a path the user gives): nothing is downloaded behind the user's back, and a missing file is
+# a one-line error, never a silent switch to other weights.
+
+#: The ImageNet weights of the VGG16 base without its top, as Keras publishes them (the md5 Keras checks).
+VGG16_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+VGG16_NOTOP_URL = f"https://storage.googleapis.com/tensorflow/keras-applications/vgg16/{VGG16_NOTOP_FILE}"
+VGG16_NOTOP_MD5 = "6d6bbae143d832006294945121d1f1fc"
+#: Environment variable naming a weights file for the VGG16 base (overrides Keras' cache).
+VGG16_WEIGHTS_ENV = "CELLKIT_VGG16_WEIGHTS"
+#: The layer after which the base is cut for fine-tuning: block 5 (three 3x3 convolutions with 512 filters and a
+#: max-pool) is the part that is fine-tuned; blocks 1-4 stay frozen and their outputs are computed once.
+VGG16_CUT = "block4_pool"
+#: Units of the report's two dense ReLU layers, and its dropout.
+TRANSFER_HEAD_UNITS = (256, 128)
+TRANSFER_HEAD_DROPOUT = 0.5
+
+
+def _caffe(images: np.ndarray) -> np.ndarray:
+    """uint8 RGB (n, h, w, 3) -> float32 BGR minus the ImageNet channel means: what VGG16's weights expect."""
+    x = np.asarray(images, dtype=np.float32)[..., ::-1]
+    return x - np.array([103.939, 116.779, 123.68], dtype=np.float32)
+
+
+PREPROCESSING["caffe"] = _caffe
+
+
+def keras_weights_cache() -> Path:
+    """Where Keras keeps downloaded application weights: ``$KERAS_HOME/models`` or ``~/.keras/models``."""
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models"
+
+
+def md5sum(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_imagenet_weights(path: str | Path | None = None) -> Path | None:
+    """The VGG16 ImageNet weights file (no top) to use, or None when there is none on this machine.
+
+    Looked for in order: ``path``; the file named by ``$CELLKIT_VGG16_WEIGHTS``; :data:`VGG16_NOTOP_FILE` in
+    :func:`keras_weights_cache`. A ``path`` or variable that names a missing file is a :class:`DataError`
+    (the user asked for it), not a silent None.
+    """
+    for given, what in ((path, "weights path"), (os.environ.get(VGG16_WEIGHTS_ENV), f"${VGG16_WEIGHTS_ENV}")):
+        if given:
+            if not Path(given).is_file():
+                raise DataError(f"{what} {given}: no such file (the VGG16 ImageNet weights, {VGG16_NOTOP_FILE})")
+            return Path(given)
+    cached = keras_weights_cache() / VGG16_NOTOP_FILE
+    return cached if cached.is_file() else None
+
+
+def vgg16_weights(weights: str | Path | None) -> tuple[Path | None, dict[str, Any]]:
+    """Resolve ``weights`` for :func:`build_vgg16_base` into (file or None, a record of what was used).
+
+    ``None``: random initialisation. ``"imagenet"``: the ImageNet file from :func:`find_imagenet_weights`; if it
+    is not on disk, a :class:`DataError` saying where to put it. A path: that file (``.h5`` as Keras publishes it,
+    or ``.weights.h5``). The record holds ``weights`` (``none``, ``imagenet`` or ``file``), the file and its md5,
+    and ``official`` (True when the md5 is Keras' for the ImageNet file).
+    """
+    if weights is None or weights == "none":
+        return None, {"weights": "none", "file": None, "md5": None, "official": False}
+    if weights == "imagenet":
+        found = find_imagenet_weights()
+        if found is None:
+            raise DataError(f"VGG16 ImageNet weights not found: put {VGG16_NOTOP_FILE} (md5 {VGG16_NOTOP_MD5}, from "
+                            f"{VGG16_NOTOP_URL}) in {keras_weights_cache()} or name it with ${VGG16_WEIGHTS_ENV}")
+    else:
+        found = find_imagenet_weights(weights)
+    digest = md5sum(found)
+    return found, {"weights": "imagenet" if weights == "imagenet" else "file", "file": str(found), "md5": digest,
+                   "official": digest == VGG16_NOTOP_MD5}
+
+
+def build_vgg16_base(input_size: int = 96, weights: str | Path | None = None) -> keras.Model:
+    """``keras.applications.VGG16(include_top=False)`` for ``input_size`` x ``input_size`` x 3 inputs scaled with
+    ``caffe`` (:data:`PREPROCESSING`); output (input_size // 32, input_size // 32, 512). ``weights`` as in
+    :func:`vgg16_weights` (None: random). Input sides below 32 are a ValueError (five 2x2 max-pools)."""
+    if input_size < 32:
+        raise ValueError(f"VGG16 needs inputs of at least 32x32 pixels, got {input_size}x{input_size}")
+    path, _ = vgg16_weights(weights)
+    keras = _keras()
+    base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(input_size, input_size, 3))
+    if path is not None:
+        try:
+            base.load_weights(str(path))
+        except (ValueError, OSError, KeyError) as error:
+            raise DataError(f"{path}: not VGG16 (no top) weights: {str(error).splitlines()[0]}") from None
+    return base
+
+
+def build_transfer_head(feature_shape: Sequence[int], n_outputs: int, activation: str = "softmax",
+                        units: Sequence[int] = TRANSFER_HEAD_UNITS, dropout: float = TRANSFER_HEAD_DROPOUT,
+                        name: str = "head") -> keras.Model:
+    """Report 004's head on VGG16 features (h, w, 512): global average pooling, two dense ReLU layers
+    (``units``), dropout, then ``n_outputs`` units with ``activation`` (``softmax`` for classes, ``sigmoid`` for
+    independent labels). A 1-D ``feature_shape`` (pooled features) skips the pooling. Output float32."""
+    if activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"activation must be softmax or sigmoid, got {activation!r}")
+    keras = _keras()
+    layers = keras.layers
+    inputs = keras.Input(tuple(feature_shape))
+    x = layers.GlobalAveragePooling2D(name=f"{name}_gap")(inputs) if len(feature_shape) == 3 else inputs
+    for i, width in enumerate(units, start=1):
+        x = layers.Dense(width, activation="relu", name=f"{name}_dense{i}")(x)
+    x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
+    outputs = layers.Dense(n_outputs, activation=activation, dtype="float32", name=f"{name}_output")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def split_vgg16(base: keras.Model, cut: str = VGG16_CUT) -> tuple[keras.Model, keras.Model]:
+    """(lower, upper): ``base`` cut after layer ``cut``; ``upper(lower(x)) == base(x)``, and both share the
+    base's layers (weights trained in ``upper`` are the base's). Used to compute the frozen lower part once."""
+    keras = _keras()
+    names = [layer.name for layer in base.layers]
+    if cut not in names:
+        raise ValueError(f"no layer {cut!r} in {base.name}; layers: {', '.join(names)}")
+    lower = keras.Model(base.input, base.get_layer(cut).output, name=f"{base.name}_to_{cut}")
+    inputs = keras.Input(tuple(base.get_layer(cut).output.shape[1:]))
+    x = inputs
+    for layer in base.layers[names.index(cut) + 1:]:
+        x = layer(x)
+    return lower, keras.Model(inputs, x, name=f"{base.name}_after_{cut}")
+
+
+def build_vgg16_classifier(n_classes: int, input_size: int = 96, weights: str | Path | None = None,
+                           base: keras.Model | None = None, head: keras.Model | None = None) -> keras.Model:
+    """VGG16 base + :func:`build_transfer_head` as one model on ``caffe``-scaled images: report 004's network.
+
+    ``base`` and ``head`` (already built, e.g. trained in phases) are reused as they are, so the whole model
+    predicts with their weights; otherwise they are built (``weights`` as in :func:`vgg16_weights`)."""
+    keras = _keras()
+    base = base if base is not None else build_vgg16_base(input_size, weights)
+    head = head if head is not None else build_transfer_head(base.output_shape[1:], n_classes)
+    inputs = keras.Input(tuple(base.input_shape[1:]))
+    return keras.Model(inputs, head(base(inputs)), name="vgg16_transfer")
 
 
 # --------------------------------------------------------------------------------------------------------

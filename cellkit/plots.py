@@ -428,6 +428,48 @@ def roc_curves(y_true: Sequence[int], y_score: np.ndarray, class_names: Sequence
     return fig
 
 
+def class_dendrogram(distances: np.ndarray, class_names: Sequence[str], title: str = "",
+                     method: str = "single") -> plt.Figure:
+    """Dendrogram of classes from a (k, k) distance matrix (e.g. :func:`cellkit.metrics.confusion_distances`),
+    ``method`` linkage (report 004: single). The height of a join is the distance at which two groups merge."""
+    from scipy.cluster.hierarchy import dendrogram, linkage
+    from scipy.spatial.distance import squareform
+
+    tree = linkage(squareform(np.asarray(distances, dtype=float), checks=False), method=method)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    dendrogram(tree, labels=list(class_names), ax=ax, color_threshold=0, above_threshold_color="0.3",
+               leaf_rotation=30)
+    ax.set(ylabel="1 - mean confusion rate", title=title or f"classes by confusion ({method} linkage)")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def multilabel_roc(y_true: np.ndarray, scores: dict[str, np.ndarray], label_names: Sequence[str],
+                   title: str = "") -> plt.Figure:
+    """One panel per label (columns of ``y_true`` (n, L) 0/1): the ROC curve of each method in ``scores``
+    (name -> (n, L) scores) with its AUC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y_true = np.asarray(y_true).astype(bool)
+    fig, axes = plt.subplots(1, len(label_names), figsize=(3.1 * len(label_names), 3.3), squeeze=False)
+    for j, (ax, label) in enumerate(zip(axes[0], label_names, strict=True)):
+        if 0 < y_true[:, j].sum() < len(y_true):
+            for method, score in scores.items():
+                fpr, tpr, _ = roc_curve(y_true[:, j], score[:, j])
+                ax.plot(fpr, tpr, linewidth=1.2, label=f"{method} {roc_auc_score(y_true[:, j], score[:, j]):.3f}")
+        ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
+        ax.set(title=f"{label} (n+ {int(y_true[:, j].sum())})", xlabel="false positive rate", xlim=(0, 1),
+               ylim=(0, 1.01))
+        ax.legend(fontsize=6, frameon=False, loc="lower right", title="AUC", title_fontsize=6)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[0, 0].set_ylabel("true positive rate")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 # --- hand-crafted features (03_handcrafted_features_random_forest): importances, scores with spread ----------
 
 

@@ -21,6 +21,11 @@ Report 000's study (notebook 05): :data:`STUDY_INPUTS` (raw, normalised, augment
 cell mask), :func:`kfold_indices` (stratified, seeded), :func:`cross_validate` (one model x input over k folds, with
 time, memory and throughput per fold) and :func:`study_table` (mean and spread over folds).
 
+VGG16 transfer section (report 004): :func:`cache_target` (frozen blocks computed once), :func:`transfer_run` (head,
+then fine-tuning block 5, on the cache), :func:`scratch_run` (the same network from random weights, optionally within
+a time budget), :func:`pretrain_source` (an offline source task), :func:`imbalanced_subset` and
+:func:`minority_copies` (class imbalance), :func:`multilabel_scores` (binary relevance or one multi-output head).
+
 U-Net section (reports 002, 003): :class:`UNetConfig` (a recipe; its defaults are ``cellkit train unet``'s model),
 :class:`CropBatches` (fresh augmented random crops every step), :func:`fit_unet`, :func:`tune_postprocessing`
 (thresholds chosen on validation), :func:`segmentation_throughput` (Mpx/s), :func:`train_unet` (all of it) and
@@ -405,7 +410,7 @@ def compile_model(model: Any, config: FitConfig, steps_per_epoch: int) -> Any:
 
 def fit(model: Any, train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray,
         val_labels: np.ndarray, config: FitConfig, preprocessing: str = "pm1", seed: int = DEFAULT_SEED,
-        progress: str = "epoch", name: str = "") -> FitResult:
+        progress: str = "epoch", name: str = "", max_seconds: float | None = None) -> FitResult:
     """Train ``model`` on uint8 images (n, h, w, 3) with ``config``; returns what was measured.
 
     Early stopping watches the validation accuracy with ``config.patience``; the weights of the best epoch are
@@ -413,6 +418,7 @@ def fit(model: Any, train_images: np.ndarray, train_labels: np.ndarray, val_imag
     norm it starts watching only after :func:`batch_norm_warmup_epochs`: until the running statistics have
     forgotten their initial values, validation scores the initialisation, not the model. ``progress`` is
     ``bar`` (a progress bar per epoch and a line per epoch), ``epoch`` (a line per epoch) or ``none``.
+    ``max_seconds`` (optional): no new epoch starts once training has taken that long (a time budget).
     Wall time and the peak resident memory of the process are measured around ``model.fit``.
     """
     n_classes = int(model.output_shape[-1])
@@ -428,7 +434,7 @@ def fit(model: Any, train_images: np.ndarray, train_labels: np.ndarray, val_imag
     warmup = batch_norm_warmup_epochs(model, len(batches))
     stopper = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=config.patience,
                                             restore_best_weights=True, start_from_epoch=warmup)
-    callbacks = [stopper]
+    callbacks = [stopper] if max_seconds is None else [stopper, TimeBudget(max_seconds)]
     if progress != "none":
         callbacks.append(_Progress(config.epochs, len(batches), progress == "bar", name or model.name))
     with MemorySampler() as memory:
@@ -449,6 +455,21 @@ def fit(model: Any, train_images: np.ndarray, train_labels: np.ndarray, val_imag
         precision=current_precision(), seconds_per_epoch=seconds / max(epochs_run, 1),
         stopped_early=epochs_run < config.epochs, cpu_seconds=cpu_seconds, early_stopping_from_epoch=warmup + 1,
     )
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops training at the end of the first epoch that ends ``seconds`` or more after training began."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds, self._started = float(seconds), 0.0
+
+    def on_train_begin(self, logs=None):
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if time.perf_counter() - self._started >= self.seconds:
+            self.model.stop_training = True
 
 
 def batch_norm_warmup_epochs(model: Any, steps_per_epoch: int, forgotten: float = 0.05) -> int:
@@ -999,6 +1020,316 @@ def align_classes(data: ImageSet, class_names: Sequence[str]) -> ImageSet:
                         f"({', '.join(names)})")
     mapping = np.array([lookup.get(n.lower(), -1) for n in data.class_names])
     return ImageSet(data.images, mapping[data.labels], names, data.files, data.source)
+
+
+# --------------------------------------------------------------------------------------------------------
+# VGG16 transfer learning (report 004): class imbalance, phases on cached features, multi-label heads
+# --------------------------------------------------------------------------------------------------------
+#
+# VGG16 at 96x96 costs about 3 GFLOP per image and pass, so on a CPU nothing runs the frozen blocks twice:
+# the outputs of blocks 1-4 (:data:`cellkit.models.VGG16_CUT`) are computed once per image (:func:`cache_target`),
+# the head is trained on block 5's outputs (phase 1), and fine-tuning trains block 5 and the head on the cached
+# block-4 outputs (phase 2). Training from scratch has no such shortcut: every step runs the whole network.
+
+#: How a classifier meets class imbalance: report 004 augmented the under-represented classes only, after the
+#: split, and weighted the classes in its multi-label models.
+IMBALANCE_VARIANTS = ("none", "class_weights", "augment", "augment+class_weights")
+
+
+def scope_name(name: str, default: str = "model") -> str:
+    """``name`` as a valid TensorFlow scope (and Keras model) name: runs of other characters become ``_``."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.-") or default
+
+
+def imbalanced_subset(data: ImageSet, shares: Sequence[float], largest: int, seed: int = DEFAULT_SEED) -> ImageSet:
+    """A subset whose class counts follow ``shares`` (one per class, any scale): the class with the largest
+    share keeps ``largest`` images, class c about ``largest * shares[c] / max(shares)`` (at least 1), drawn
+    with ``seed``. Used to give a balanced set a realistic imbalance (e.g. PBC-28's class frequencies)."""
+    shares = np.asarray(shares, dtype=float)
+    if len(shares) != len(data.class_names) or shares.min() <= 0:
+        raise ValueError(f"need one positive share per class ({len(data.class_names)}), got {shares.tolist()}")
+    wanted = np.maximum(1, np.round(largest * shares / shares.max())).astype(int)
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(data.labels == c))[:n] for c, n in enumerate(wanted)]
+    return data.subset(np.sort(np.concatenate(keep)))
+
+
+def minority_copies(images: np.ndarray, labels: np.ndarray, n_classes: int, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Augmented copies for the under-represented classes only (report 004): every class with fewer images than
+    the largest gets randomly chosen members, each in a random one of the 8 symmetries of the square, until it
+    has as many. Returns (copies (m, h, w, c), their labels (m,)); m = 0 for a balanced set."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels, minlength=n_classes)
+    picks = [rng.choice(np.flatnonzero(labels == c), counts.max() - counts[c])
+             for c in range(n_classes) if 0 < counts[c] < counts.max()]
+    index = np.concatenate(picks) if picks else np.zeros(0, np.int64)
+    return augment_batch(images[index], rng, "dihedral"), labels[index]
+
+
+def outputs_of(model: Any, images: np.ndarray, preprocessing: str | None = "caffe", batch_size: int = 32
+               ) -> np.ndarray:
+    """``model``'s float32 outputs for uint8 ``images`` (scaled with ``preprocessing``) or for float arrays
+    (``preprocessing=None``), in batches so that only one batch is scaled at a time."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size]
+        x = models.preprocess(x, preprocessing) if preprocessing else x
+        out.append(np.asarray(model(x, training=False)).astype(np.float32))
+    return np.concatenate(out) if out else np.zeros((0, *model.output_shape[1:]), np.float32)
+
+
+@dataclass
+class TargetCache:
+    """The frozen part's outputs for the target images, computed once (:func:`cache_target`).
+
+    ``lower[part]``: outputs of VGG16 blocks 1-4 (n, s/16, s/16, 512); ``top[part]``: of the frozen block 5 on
+    top (n, s/32, s/32, 512); parts ``train``, ``extra`` (the :func:`minority_copies` of the training images, kept
+    in ``extra_images``), ``val``, ``test``. ``seconds`` and ``peak_mb``: wall time and the process's peak memory
+    of computing them all.
+    """
+
+    lower: dict[str, np.ndarray]
+    top: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    seconds: float
+    peak_mb: float
+    extra_images: np.ndarray | None = None
+
+    def arrays(self, variant: str, n_classes: int, what: str = "top") -> tuple[np.ndarray, np.ndarray, Any]:
+        """(x, labels, sample weights or None) of the training part for imbalance ``variant``."""
+        if variant not in IMBALANCE_VARIANTS:
+            raise ValueError(f"unknown imbalance variant {variant!r}; use {', '.join(IMBALANCE_VARIANTS)}")
+        source = self.lower if what == "lower" else self.top
+        x, y = source["train"], self.labels["train"]
+        if variant.startswith("augment"):
+            x, y = np.concatenate([x, source["extra"]]), np.concatenate([y, self.labels["extra"]])
+        weights = balanced_weights(y, n_classes) if variant.endswith("class_weights") else None
+        return x, y, weights
+
+
+def cache_target(base: Any, train: ImageSet, val: ImageSet, test: ImageSet, seed: int = DEFAULT_SEED,
+                 cut: str = models.VGG16_CUT, batch_size: int = 32) -> TargetCache:
+    """Run the frozen VGG16 ``base`` once over the target's training images, their :func:`minority_copies`,
+    and the validation and test images (uint8, the base's input size), keeping the outputs at ``cut`` and at
+    the top. Timed, with the peak memory of the process."""
+    lower, upper = models.split_vgg16(base, cut)
+    extra, extra_labels = minority_copies(train.images, train.labels, len(train.class_names),
+                                          np.random.default_rng(seed))
+    parts = {"train": train.images, "extra": extra, "val": val.images, "test": test.images}
+    with MemorySampler() as memory:
+        started = time.perf_counter()
+        low = {k: outputs_of(lower, v, "caffe", batch_size) for k, v in parts.items()}
+        top = {k: outputs_of(upper, v, None, batch_size) for k, v in low.items()}
+        seconds = time.perf_counter() - started
+    labels = {"train": train.labels, "extra": extra_labels, "val": val.labels, "test": test.labels}
+    return TargetCache(low, top, labels, seconds, memory.peak_mb, extra)
+
+
+def fit_arrays(model: Any, x: np.ndarray, y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, epochs: int,
+               learning_rate: float, batch_size: int = 32, patience: int = 8, sample_weight: np.ndarray | None = None,
+               seed: int = DEFAULT_SEED, progress: str = "none", name: str = "") -> FitResult:
+    """Train ``model`` on precomputed arrays with Adam at ``learning_rate``; early stopping keeps the best epoch.
+
+    ``y`` holds class indices (n,) for a softmax model (categorical cross-entropy, best = highest validation
+    accuracy) or 0/1 targets (n, L) for a sigmoid model (binary cross-entropy, best = lowest validation loss).
+    """
+    binary = np.asarray(y).ndim == 2
+    n_out = int(model.output_shape[-1])
+    target = (lambda t: np.asarray(t, np.float32)) if binary else (lambda t: np.eye(n_out, dtype=np.float32)[t])
+    steps = epochs * int(np.ceil(len(x) / batch_size))
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss="binary_crossentropy" if binary else "categorical_crossentropy", metrics=["accuracy"],
+                  run_eagerly=steps <= EAGER_MAX_STEPS)  # a few steps run faster than tracing the graph
+    monitor, mode = ("val_loss", "min") if binary else ("val_accuracy", "max")
+    callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience,
+                                               restore_best_weights=True)]
+    if progress != "none":
+        callbacks.append(_Progress(epochs, int(np.ceil(len(x) / batch_size)), progress == "bar", name or model.name))
+    keras.utils.set_random_seed(seed)
+    with MemorySampler() as memory:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        history = model.fit(x, target(y), sample_weight=sample_weight, validation_data=(val_x, target(val_y)),
+                            epochs=epochs, batch_size=batch_size, callbacks=callbacks, verbose=0, shuffle=True)
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    hist = {k: [float(v) for v in values] for k, values in history.history.items()}
+    watched = np.asarray(hist[monitor])
+    best = int(np.nanargmin(watched) if binary else np.nanargmax(watched))
+    return FitResult(history=hist, seconds=seconds, epochs_run=len(watched), best_epoch=best + 1,
+                     best_val_accuracy=float(hist["val_accuracy"][best]), peak_rss_mb=memory.peak_mb,
+                     rss_increase_mb=memory.increase_mb, precision=current_precision(),
+                     seconds_per_epoch=seconds / max(len(watched), 1), stopped_early=len(watched) < epochs,
+                     cpu_seconds=cpu_seconds)
+
+
+@dataclass
+class ClassifierRun:
+    """One trained VGG16 classifier of the transfer study: its phases' fits and times, and its scores.
+
+    ``model`` maps what it was trained on (cached block-4 outputs for a transfer run, images for a scratch
+    run) to class probabilities; ``top`` (transfer runs) is its block 5, fine-tuned or not, which maps block-4
+    outputs to the features the head reads; ``seconds`` holds the wall time of each phase on the target task.
+    """
+
+    name: str
+    model: Any
+    fits: dict[str, FitResult]
+    seconds: dict[str, float]
+    val_report: dict[str, Any]
+    test_report: dict[str, Any]
+    test_proba: np.ndarray
+    top: Any = None
+
+    @property
+    def target_seconds(self) -> float:
+        """Wall time spent on the target task (caching included for transfer runs)."""
+        return float(sum(self.seconds.values()))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run": self.name, "val_accuracy": self.val_report["accuracy"],
+            "test_accuracy": self.test_report["accuracy"], "test_macro_f1": self.test_report["macro_f1"],
+            "test_auc_ovr": self.test_report.get("auc_ovr"),
+            "epochs": {phase: fit.epochs_run for phase, fit in self.fits.items()},
+            "seconds": {phase: round(s, 1) for phase, s in self.seconds.items()},
+            "target_seconds": round(self.target_seconds, 1),
+            "peak_rss_mb": round(max(fit.peak_rss_mb for fit in self.fits.values()), 1),
+        }
+
+
+def _val_test_reports(model: Any, x_val: np.ndarray, y_val: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+            class_names: Sequence[str], preprocessing: str | None) -> tuple[dict, dict, np.ndarray]:
+    reports = []
+    for x, y in ((x_val, y_val), (x_test, y_test)):
+        proba = outputs_of(model, x, preprocessing)
+        reports.append((metrics.classification_report(y, proba.argmax(axis=1), class_names, proba), proba))
+    return reports[0][0], reports[1][0], reports[1][1]
+
+
+def transfer_run(base: Any, cache: TargetCache, class_names: Sequence[str], variant: str = "none",
+                 head_epochs: int = 40, head_lr: float = 1e-3, finetune_epochs: int = 10, finetune_lr: float = 1e-5,
+                 batch_size: int = 32, patience: int = 8, seed: int = DEFAULT_SEED, progress: str = "none",
+                 name: str = "transfer", cut: str = models.VGG16_CUT) -> ClassifierRun:
+    """Report 004's transfer on cached outputs of ``base``: phase 1 trains the head on the frozen base's top
+    outputs; phase 2 (``finetune_epochs`` > 0) trains block 5 and the head together at the low ``finetune_lr``
+    on the cached block-4 outputs. ``base`` itself is left unchanged (block 5 is fine-tuned in a copy).
+
+    The returned ``model`` maps block-4 outputs to probabilities; ``seconds`` holds ``cache`` (the share of
+    computing the cache for the images used), ``head`` and ``finetune``.
+    """
+    n, name = len(class_names), scope_name(name, "transfer")
+    x, y, weights = cache.arrays(variant, n, "top")
+    head = models.build_transfer_head(x.shape[1:], n)
+    fits = {"head": fit_arrays(head, x, y, cache.top["val"], cache.labels["val"], head_epochs, head_lr, batch_size,
+                               patience, weights, seed, progress, f"{name} head")}
+    _, upper_frozen = models.split_vgg16(base, cut)
+    upper = keras.models.clone_model(upper_frozen)
+    upper.set_weights(upper_frozen.get_weights())
+    inputs = keras.Input(tuple(cache.lower["train"].shape[1:]))
+    model = keras.Model(inputs, head(upper(inputs)), name=name)
+    if finetune_epochs:
+        xl, yl, wl = cache.arrays(variant, n, "lower")
+        fits["finetune"] = fit_arrays(model, xl, yl, cache.lower["val"], cache.labels["val"], finetune_epochs,
+                                      finetune_lr, batch_size, patience, wl, seed, progress, f"{name} fine-tune")
+    used = len(x) + len(cache.labels["val"])
+    total = sum(len(v) for k, v in cache.labels.items() if k != "test")
+    seconds = {"cache": cache.seconds * used / max(total, 1), **{k: f.seconds for k, f in fits.items()}}
+    val_report, test_report, proba = _val_test_reports(model, cache.lower["val"], cache.labels["val"],
+                                                       cache.lower["test"], cache.labels["test"], class_names, None)
+    return ClassifierRun(name, model, fits, seconds, val_report, test_report, proba, upper)
+
+
+def scratch_run(train: ImageSet, val: ImageSet, test: ImageSet, variant: str = "none", epochs: int = 10,
+                learning_rate: float = 1e-4, batch_size: int = 32, max_seconds: float | None = None,
+                extra: tuple[np.ndarray, np.ndarray] | None = None, seed: int = DEFAULT_SEED,
+                progress: str = "epoch", name: str = "scratch") -> ClassifierRun:
+    """The same network (VGG16 + report 004's head) trained from random weights on the target images (uint8 at
+    the input size), with the imbalance ``variant`` (``extra``: the :func:`minority_copies` to add for the
+    ``augment`` variants), Adam at ``learning_rate``; ``max_seconds`` caps the wall time (an equal budget)."""
+    n, name = len(train.class_names), scope_name(name, "scratch")
+    x, y = train.images, train.labels
+    if variant.startswith("augment") and extra is not None:
+        x, y = np.concatenate([x, extra[0]]), np.concatenate([y, extra[1]])
+    keras.utils.set_random_seed(seed)
+    model = models.build_vgg16_classifier(n, x.shape[1], weights=None)
+    config = FitConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, patience=epochs,
+                       class_weight="balanced" if variant.endswith("class_weights") else None)
+    result = fit(model, x, y, val.images, val.labels, config, "caffe", seed, progress, name, max_seconds)
+    val_report, test_report, proba = _val_test_reports(model, val.images, val.labels, test.images, test.labels,
+                                                       train.class_names, "caffe")
+    return ClassifierRun(name, model, {"scratch": result}, {"scratch": result.seconds}, val_report, test_report,
+                         proba)
+
+
+def pretrain_source(source: ImageSet, source_val: ImageSet, size: int = 32, epochs: int = 3,
+                    learning_rate: float = 1e-4, batch_size: int = 64, max_seconds: float | None = None,
+                    seed: int = DEFAULT_SEED, progress: str = "epoch") -> tuple[Any, FitResult, dict[str, Any]]:
+    """Pretrain a VGG16 base offline on a source task: classify ``source`` (resized to ``size``, no crop) with
+    the report's head, random initialisation, Adam, dihedral augmentation. Returns (the trained base, its fit,
+    the source validation report). Its weights fit any input size (the base is fully convolutional)."""
+    x, xv = _at_size(source.images, size, None), _at_size(source_val.images, size, None)
+    keras.utils.set_random_seed(seed)
+    model = models.build_vgg16_classifier(len(source.class_names), size, weights=None)
+    config = FitConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, patience=epochs,
+                       augment="dihedral")
+    result = fit(model, x, source.labels, xv, source_val.labels, config, "caffe", seed, progress, "source",
+                 max_seconds)
+    proba = outputs_of(model, xv, "caffe")
+    report = metrics.classification_report(source_val.labels, proba.argmax(axis=1), source.class_names, proba)
+    return model.get_layer("vgg16"), result, report
+
+
+def base_with_weights(input_size: int, weights_from: Any) -> Any:
+    """A VGG16 base for ``input_size`` holding the weights of another VGG16 base (of any input size)."""
+    base = models.build_vgg16_base(input_size, None)
+    base.set_weights(weights_from.get_weights())
+    return base
+
+
+# --- multi-label heads ------------------------------------------------------------------------------------
+
+
+def label_weights(targets: np.ndarray) -> np.ndarray:
+    """Per-sample weights (n, L) that balance positives and negatives of each label: n / (2 n_pos) for a positive,
+    n / (2 n_neg) for a negative (1 where a label has no positives or no negatives)."""
+    targets = np.asarray(targets, dtype=bool)
+    n = len(targets)
+    pos = targets.sum(axis=0)
+    neg = n - pos
+    w_pos = np.where(pos > 0, n / (2 * np.maximum(pos, 1)), 1.0)
+    w_neg = np.where(neg > 0, n / (2 * np.maximum(neg, 1)), 1.0)
+    both = (pos > 0) & (neg > 0)
+    return np.where(targets, np.where(both, w_pos, 1.0), np.where(both, w_neg, 1.0)).astype(np.float32)
+
+
+def multilabel_scores(x: np.ndarray, targets: np.ndarray, val_x: np.ndarray, val_targets: np.ndarray,
+                      test_x: np.ndarray, mode: str = "binary_relevance", weighted: bool = False, epochs: int = 40,
+                      learning_rate: float = 1e-3, batch_size: int = 32, patience: int = 8, seed: int = DEFAULT_SEED
+                      ) -> tuple[np.ndarray, float]:
+    """Train multi-label heads on features ``x`` with 0/1 ``targets`` (n, L); returns (test scores (m, L), seconds).
+
+    ``binary_relevance`` (report 004): one head with one sigmoid per label, each trained alone, with per-label
+    class weights when ``weighted`` (:func:`label_weights`). ``multi_output``: one head with L sigmoids trained
+    on all labels at once (unweighted).
+    """
+    targets, val_targets = np.asarray(targets, np.float32), np.asarray(val_targets, np.float32)
+    started = time.perf_counter()
+    if mode == "multi_output":
+        head = models.build_transfer_head(x.shape[1:], targets.shape[1], "sigmoid", name="multi")
+        fit_arrays(head, x, targets, val_x, val_targets, epochs, learning_rate, batch_size, patience, None, seed)
+        return outputs_of(head, test_x, None), time.perf_counter() - started
+    if mode != "binary_relevance":
+        raise ValueError(f"unknown mode {mode!r}; use binary_relevance or multi_output")
+    weights = label_weights(targets) if weighted else None
+    columns = []
+    for j in range(targets.shape[1]):
+        head = models.build_transfer_head(x.shape[1:], 1, "sigmoid", name=f"label{j}")
+        fit_arrays(head, x, targets[:, j : j + 1], val_x, val_targets[:, j : j + 1], epochs, learning_rate,
+                   batch_size, patience, None if weights is None else weights[:, j], seed)
+        columns.append(outputs_of(head, test_x, None)[:, 0])
+    return np.stack(columns, axis=1), time.perf_counter() - started
 
 
 # --------------------------------------------------------------------------------------------------------
