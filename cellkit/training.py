@@ -1641,12 +1641,10 @@ def fit_unet(train: Any, val: Any, config: UNetConfig | None = None, seed: int =
     validation loss on fixed crops of ``val``; returns (the Keras model, with the weights of the epoch with the
     lowest validation loss, and what was measured). ``precision``: ``auto`` (mixed bfloat16 where the CPU has
     bfloat16 instructions), ``bfloat16`` or ``float32``. ``progress``: ``bar``, ``epoch`` or ``none``."""
-    import re
-
     config = config or UNetConfig()
     if not len(train) or not len(val):
         raise DataError("U-Net training needs at least one training and one validation image")
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.-") or "unet"  # a valid TensorFlow scope name
+    name = scope_name(name, "unet")
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     used = set_precision(precision)
