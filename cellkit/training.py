@@ -348,12 +348,17 @@ class FitResult:
 
 
 class _Progress(keras.callbacks.Callback):
-    """A tqdm bar over the steps of each epoch (``bar``), and one summary line per epoch either way."""
+    """A tqdm bar over the steps of each epoch (``bar``), and one summary line per epoch either way, with the
+    logged quantities ``reported`` (Keras log names) under short labels."""
 
-    def __init__(self, epochs: int, steps: int, bar: bool, name: str, stream=None) -> None:
+    LABELS = {"accuracy": "acc", "val_accuracy": "val_acc"}
+
+    def __init__(self, epochs: int, steps: int, bar: bool, name: str, stream=None,
+                 reported: Sequence[str] = ("loss", "accuracy", "val_loss", "val_accuracy")) -> None:
         super().__init__()
         self.epochs, self.steps, self.bar, self.name = epochs, steps, bar, name
         self.stream = stream or sys.stdout
+        self.reported = tuple(reported)
         self._tqdm = None
         self._started = 0.0
 
@@ -369,19 +374,18 @@ class _Progress(keras.callbacks.Callback):
         if self._tqdm is not None:
             self._tqdm.update(1)
             if logs and batch % 10 == 0:
-                self._tqdm.set_postfix(loss=f"{logs.get('loss', 0):.3f}", acc=f"{logs.get('accuracy', 0):.3f}")
+                self._tqdm.set_postfix({self.LABELS.get(key, key): f"{logs.get(key, 0):.3f}"
+                                        for key in self.reported if not key.startswith("val_")})
 
     def on_epoch_end(self, epoch, logs=None):
         if self._tqdm is not None:
             self._tqdm.close()
             self._tqdm = None
         logs = logs or {}
-        print(
-            f"{self.name} epoch {epoch + 1:>3}/{self.epochs}: loss {logs.get('loss', float('nan')):.4f} "
-            f"acc {logs.get('accuracy', float('nan')):.4f}  val_loss {logs.get('val_loss', float('nan')):.4f} "
-            f"val_acc {logs.get('val_accuracy', float('nan')):.4f}  ({time.perf_counter() - self._started:.1f} s)",
-            file=self.stream, flush=True,
-        )
+        values = "  ".join(f"{self.LABELS.get(key, key)} {logs.get(key, float('nan')):.4f}" for key in self.reported)
+        seconds = time.perf_counter() - self._started
+        print(f"{self.name} epoch {epoch + 1:>3}/{self.epochs}: {values}  ({seconds:.1f} s)", file=self.stream,
+              flush=True)
 
 
 def compile_model(model: Any, config: FitConfig, steps_per_epoch: int) -> Any:
@@ -1585,36 +1589,6 @@ def compile_unet(model: Any, config: UNetConfig, run_eagerly: bool = False) -> A
     return model
 
 
-class _UNetProgress(keras.callbacks.Callback):
-    """One line per epoch (loss, validation loss, seconds) and, with ``bar``, a tqdm bar over its steps."""
-
-    def __init__(self, epochs: int, steps: int, bar: bool, name: str) -> None:
-        super().__init__()
-        self.epochs, self.steps, self.bar, self.name = epochs, steps, bar, name
-        self._tqdm, self._started = None, 0.0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._started = time.perf_counter()
-        if self.bar:
-            from tqdm.auto import tqdm
-
-            self._tqdm = tqdm(total=self.steps, desc=f"{self.name} epoch {epoch + 1}/{self.epochs}", unit="step",
-                              leave=False, file=sys.stderr, dynamic_ncols=True)
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self._tqdm is not None:
-            self._tqdm.update(1)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self._tqdm is not None:
-            self._tqdm.close()
-            self._tqdm = None
-        logs = logs or {}
-        print(f"{self.name} epoch {epoch + 1:>3}/{self.epochs}: loss {logs.get('loss', float('nan')):.4f}  "
-              f"val_loss {logs.get('val_loss', float('nan')):.4f}  ({time.perf_counter() - self._started:.1f} s)",
-              flush=True)
-
-
 @dataclass
 class UNetFit:
     """What :func:`fit_unet` measured. ``seconds`` is wall time of ``model.fit``; ``cpu_seconds`` the process
@@ -1660,7 +1634,8 @@ def fit_unet(train: Any, val: Any, config: UNetConfig | None = None, seed: int =
                                             restore_best_weights=True)
     callbacks: list[Any] = [stopper]
     if progress != "none":
-        callbacks.append(_UNetProgress(config.epochs, len(batches), progress == "bar", name))
+        callbacks.append(_Progress(config.epochs, len(batches), progress == "bar", name,
+                                   reported=("loss", "val_loss")))
     with MemorySampler() as memory:
         started, cpu_started = time.perf_counter(), time.process_time()
         history = model.fit(batches, validation_data=(val_x, val_y), epochs=config.epochs, callbacks=callbacks,
