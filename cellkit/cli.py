@@ -239,6 +239,16 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_training_run_options(parser: argparse.ArgumentParser, seed_help: str, default_out: str) -> None:
+    """The options every training command shares: precision, threads, seed, output file, quiet."""
+    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="auto: mixed bfloat16 where the CPU supports it (saved models are float32 anyway)")
+    parser.add_argument("--threads", type=int, help="threads inside TensorFlow ops (default: all CPUs)")
+    parser.add_argument("--seed", type=int, default=42, help=seed_help)
+    parser.add_argument("--out", metavar="FILE.keras", help=f"model file (default: {default_out})")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def _add_train_classifier(train_commands: argparse._SubParsersAction) -> None:
     from cellkit import models
 
@@ -267,12 +277,7 @@ def _add_train_classifier(train_commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--tta", choices=("none", "flips", "dihedral", "auto"),
                         help="test-time augmentation; auto chooses on the validation split")
     parser.add_argument("--balanced", action="store_true", help="weigh classes equally in the loss")
-    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
-                        help="auto: mixed bfloat16 where the CPU supports it (saved models are float32 anyway)")
-    parser.add_argument("--threads", type=int, help="threads inside TensorFlow ops (default: all CPUs)")
-    parser.add_argument("--seed", type=int, default=42, help="seed of splits, weights and augmentation")
-    parser.add_argument("--out", metavar="FILE.keras", help="model file (default: models/MODEL.keras)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_training_run_options(parser, "seed of splits, weights and augmentation", "models/MODEL.keras")
 
 
 def _add_evaluate_classifier(evaluate_commands: argparse._SubParsersAction) -> None:
@@ -429,12 +434,7 @@ def _add_train_unet(train_commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--learning-rate", type=float, help="peak Adam learning rate (default: 2e-3, cosine)")
     parser.add_argument("--batch-size", type=int, help="crops per step (default: 8)")
     parser.add_argument("--crop", type=int, help="training crop side in pixels, a multiple of 16 (default: 128)")
-    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
-                        help="auto: mixed bfloat16 where the CPU supports it (saved models are float32 anyway)")
-    parser.add_argument("--threads", type=int, help="threads inside TensorFlow ops (default: all CPUs)")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the split, crops and weights")
-    parser.add_argument("--out", metavar="FILE.keras", help="model file (default: models/unet.keras)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_training_run_options(parser, "seed of the split, crops and weights", "models/unet.keras")
 
 
 def _add_evaluate_segmentation(evaluate_commands: argparse._SubParsersAction) -> None:

@@ -347,6 +347,28 @@ class FitResult:
         return asdict(self)
 
 
+@dataclass
+class TimedFit:
+    """What :func:`timed_fit` measured: the Keras history as plain floats (without the learning rate), wall and
+    process CPU seconds of ``model.fit``, and the process's peak RSS and its increase over the fit, in MB."""
+
+    history: dict[str, list[float]]
+    seconds: float
+    cpu_seconds: float
+    peak_mb: float
+    increase_mb: float
+
+
+def timed_fit(model: Any, data: Any, **fit_args: Any) -> TimedFit:
+    """``model.fit(data, verbose=0, **fit_args)``, timed and with its memory sampled."""
+    with MemorySampler() as memory:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        history = model.fit(data, verbose=0, **fit_args)
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    hist = {k: [float(v) for v in values] for k, values in history.history.items() if k != "learning_rate"}
+    return TimedFit(hist, seconds, cpu_seconds, memory.peak_mb, memory.increase_mb)
+
+
 class _Progress(keras.callbacks.Callback):
     """A tqdm bar over the steps of each epoch (``bar``), and one summary line per epoch either way, with the
     logged quantities ``reported`` (Keras log names) under short labels."""
@@ -441,12 +463,9 @@ def fit(model: Any, train_images: np.ndarray, train_labels: np.ndarray, val_imag
     callbacks = [stopper] if max_seconds is None else [stopper, TimeBudget(max_seconds)]
     if progress != "none":
         callbacks.append(_Progress(config.epochs, len(batches), progress == "bar", name or model.name))
-    with MemorySampler() as memory:
-        started, cpu_started = time.perf_counter(), time.process_time()
-        history = model.fit(batches, validation_data=(val_x, val_y), epochs=config.epochs, callbacks=callbacks,
-                            verbose=0, validation_batch_size=256)
-        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    hist = {k: [float(v) for v in values] for k, values in history.history.items() if k != "learning_rate"}
+    run = timed_fit(model, batches, validation_data=(val_x, val_y), epochs=config.epochs, callbacks=callbacks,
+                    validation_batch_size=256)
+    hist, seconds, cpu_seconds = run.history, run.seconds, run.cpu_seconds
     epochs_run = len(hist.get("loss", []))
     val_acc = hist.get("val_accuracy", [float("nan")])
     if epochs_run > warmup:  # the epoch whose weights early stopping restored
@@ -455,7 +474,7 @@ def fit(model: Any, train_images: np.ndarray, train_labels: np.ndarray, val_imag
         best = max(epochs_run - 1, 0)
     return FitResult(
         history=hist, seconds=seconds, epochs_run=epochs_run, best_epoch=best + 1,
-        best_val_accuracy=float(val_acc[best]), peak_rss_mb=memory.peak_mb, rss_increase_mb=memory.increase_mb,
+        best_val_accuracy=float(val_acc[best]), peak_rss_mb=run.peak_mb, rss_increase_mb=run.increase_mb,
         precision=current_precision(), seconds_per_epoch=seconds / max(epochs_run, 1),
         stopped_early=epochs_run < config.epochs, cpu_seconds=cpu_seconds, early_stopping_from_epoch=warmup + 1,
     )
@@ -1153,17 +1172,14 @@ def fit_arrays(model: Any, x: np.ndarray, y: np.ndarray, val_x: np.ndarray, val_
     if progress != "none":
         callbacks.append(_Progress(epochs, int(np.ceil(len(x) / batch_size)), progress == "bar", name or model.name))
     keras.utils.set_random_seed(seed)
-    with MemorySampler() as memory:
-        started, cpu_started = time.perf_counter(), time.process_time()
-        history = model.fit(x, target(y), sample_weight=sample_weight, validation_data=(val_x, target(val_y)),
-                            epochs=epochs, batch_size=batch_size, callbacks=callbacks, verbose=0, shuffle=True)
-        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    hist = {k: [float(v) for v in values] for k, values in history.history.items()}
+    run = timed_fit(model, x, y=target(y), sample_weight=sample_weight, validation_data=(val_x, target(val_y)),
+                    epochs=epochs, batch_size=batch_size, callbacks=callbacks, shuffle=True)
+    hist, seconds, cpu_seconds = run.history, run.seconds, run.cpu_seconds
     watched = np.asarray(hist[monitor])
     best = int(np.nanargmin(watched) if binary else np.nanargmax(watched))
     return FitResult(history=hist, seconds=seconds, epochs_run=len(watched), best_epoch=best + 1,
-                     best_val_accuracy=float(hist["val_accuracy"][best]), peak_rss_mb=memory.peak_mb,
-                     rss_increase_mb=memory.increase_mb, precision=current_precision(),
+                     best_val_accuracy=float(hist["val_accuracy"][best]), peak_rss_mb=run.peak_mb,
+                     rss_increase_mb=run.increase_mb, precision=current_precision(),
                      seconds_per_epoch=seconds / max(len(watched), 1), stopped_early=len(watched) < epochs,
                      cpu_seconds=cpu_seconds)
 
@@ -1636,17 +1652,14 @@ def fit_unet(train: Any, val: Any, config: UNetConfig | None = None, seed: int =
     if progress != "none":
         callbacks.append(_Progress(config.epochs, len(batches), progress == "bar", name,
                                    reported=("loss", "val_loss")))
-    with MemorySampler() as memory:
-        started, cpu_started = time.perf_counter(), time.process_time()
-        history = model.fit(batches, validation_data=(val_x, val_y), epochs=config.epochs, callbacks=callbacks,
-                            verbose=0, validation_batch_size=8)
-        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    hist = {k: [float(v) for v in values] for k, values in history.history.items() if k != "learning_rate"}
+    run = timed_fit(model, batches, validation_data=(val_x, val_y), epochs=config.epochs, callbacks=callbacks,
+                    validation_batch_size=8)
+    hist, seconds, cpu_seconds = run.history, run.seconds, run.cpu_seconds
     epochs_run = len(hist.get("loss", []))
     val_loss = hist.get("val_loss", [float("nan")])
     best = int(np.nanargmin(val_loss)) if epochs_run else 0
     fit = UNetFit(history=hist, seconds=seconds, cpu_seconds=cpu_seconds, epochs_run=epochs_run, best_epoch=best + 1,
-                  best_val_loss=float(val_loss[best]), peak_rss_mb=memory.peak_mb, rss_increase_mb=memory.increase_mb,
+                  best_val_loss=float(val_loss[best]), peak_rss_mb=run.peak_mb, rss_increase_mb=run.increase_mb,
                   precision=used, crops_per_second=epochs_run * config.steps_per_epoch * config.batch_size / seconds)
     return model, fit
 
