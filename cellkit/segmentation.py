@@ -260,6 +260,7 @@ def random_crops(
     rng: np.random.Generator | None = None,
     foreground_fraction: float = 0.5,
     augmentation: transforms.Augmentation | None = None,
+    image_weights: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` random training crops of ``size`` px (report 002: 128 x 128 best, 256 x 256) from images of any size.
 
@@ -267,7 +268,7 @@ def random_crops(
     ----------
     images : sequence of (H, W) or (H, W, C) arrays (e.g. :func:`input_stack` outputs); sizes may differ.
     labels : sequence of (H, W) instance images (or masks), one per image.
-    n : number of crops; each picks an image uniformly at random.
+    n : number of crops; each picks an image at random, uniformly or by ``image_weights``.
     size : crop (height, width), or one int for a square.
     rng : the only source of randomness (default ``np.random.default_rng(0)``).
     foreground_fraction : share of crops placed to contain a random foreground pixel, so that sparse images
@@ -275,6 +276,8 @@ def random_crops(
     augmentation : a :class:`cellkit.transforms.Augmentation` (notebook 02's recipes, e.g.
         ``transforms.RECIPES["report002"]``) applied to each crop and its labels after cropping; its own
         ``crop`` is ignored (the output keeps ``size``).
+    image_weights : non-negative weight per image (e.g. its number of nuclei, :func:`nuclei_weights`); each
+        crop picks image k with probability ``image_weights[k] / sum(image_weights)``. None: uniformly.
 
     Images smaller than the crop are reflect-padded; mirrored nuclei in the padding get their own ids, so that
     targets made from the crop (:func:`three_class_target`) separate them from their originals.
@@ -287,10 +290,14 @@ def random_crops(
     rng = np.random.default_rng(0) if rng is None else rng
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     recipe = None if augmentation is None else dataclasses.replace(augmentation, crop=None)
+    cumulative = None if image_weights is None else _cumulative_probabilities(image_weights, len(images))
     foreground: dict[int, np.ndarray] = {}
     out_images, out_labels = [], []
     for _ in range(n):
-        k = int(rng.integers(len(images)))
+        if cumulative is None:
+            k = int(rng.integers(len(images)))
+        else:
+            k = min(int(np.searchsorted(cumulative, rng.random(), side="right")), len(images) - 1)
         image, label = _pad_pair(np.asarray(images[k]), np.asarray(labels[k]), (h, w))
         if image.shape[:2] != label.shape:
             raise DataError(f"image {k} is {image.shape[:2]} but its labels are {label.shape}")
@@ -311,6 +318,22 @@ def random_crops(
         out_images.append(crop)
         out_labels.append(crop_labels)
     return np.stack(out_images), np.stack(out_labels).astype(np.int32, copy=False)
+
+
+def _cumulative_probabilities(weights: Sequence[float], n: int) -> np.ndarray:
+    """Cumulative sums (n,) of ``weights`` normalised to 1; a ValueError unless n finite, non-negative weights
+    with a positive sum."""
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (n,) or not np.all(np.isfinite(weights)) or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"image_weights must be {n} finite non-negative numbers with a positive sum")
+    return np.cumsum(weights / weights.sum())
+
+
+def nuclei_weights(labels: Sequence[np.ndarray]) -> np.ndarray:
+    """Crop-sampling weights ``float64`` (N,): the number of objects of each instance image (at least 1), so
+    that every nucleus of a training set is about equally likely to be in a crop, as SEG and F1 weigh every
+    nucleus equally, however few large images hold them."""
+    return np.array([max(1, np.count_nonzero(np.unique(label))) for label in labels], dtype=np.float64)
 
 
 def _pad_pair(image: np.ndarray, labels: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

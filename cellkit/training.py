@@ -1367,6 +1367,9 @@ def multilabel_scores(x: np.ndarray, targets: np.ndarray, val_x: np.ndarray, val
 #: with "+rot90" (random quarter turns on top: nuclei have no "up").
 UNET_AUGMENTATIONS = ("none", "report002", "report003", "report002+rot90", "report003+rot90")
 
+#: How a training crop picks its image (:attr:`UNetConfig.crop_sampling`).
+CROP_SAMPLINGS = ("image", "nuclei")
+
 
 @dataclass
 class UNetConfig:
@@ -1387,6 +1390,9 @@ class UNetConfig:
     schedule : ``constant`` or ``cosine`` (one warm-up epoch from a tenth of the rate, then cosine decay to 0).
     augmentation : one of :data:`UNET_AUGMENTATIONS`, applied to each crop and its labels.
     foreground_fraction : share of crops placed on a random nucleus pixel (the rest uniformly).
+    crop_sampling : how each crop picks its training image: ``image`` (uniformly) or ``nuclei`` (in proportion
+        to the image's number of nuclei, :func:`cellkit.segmentation.nuclei_weights`: a few large, crowded
+        images, such as DSB's tissue sections, then get the share of crops their share of nuclei asks for).
     class_weights : weights of background, cell, edge in the 3-class loss (1, 1, 1: unweighted).
     edge_width : width in pixels of the edge class (:func:`cellkit.segmentation.three_class_target`).
     focal_gamma, focal_alpha : the 1-class loss (report 003: 2 and 0.5).
@@ -1409,11 +1415,12 @@ class UNetConfig:
     crop: int = 128
     batch_size: int = 8
     steps_per_epoch: int = 100
-    epochs: int = 16
+    epochs: int = 40
     learning_rate: float = 2e-3
     schedule: str = "cosine"
     augmentation: str = "report002"
     foreground_fraction: float = 0.5
+    crop_sampling: str = "nuclei"
     class_weights: tuple[float, ...] = (1.0, 1.0, 3.0)
     edge_width: int = 1
     focal_gamma: float = 2.0
@@ -1437,6 +1444,8 @@ class UNetConfig:
             raise ValueError(f"channels must be a non-empty selection of {segmentation.CHANNELS}, got {self.channels}")
         if self.augmentation not in UNET_AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {self.augmentation!r}; use {', '.join(UNET_AUGMENTATIONS)}")
+        if self.crop_sampling not in CROP_SAMPLINGS:
+            raise ValueError(f"unknown crop_sampling {self.crop_sampling!r}; use {' or '.join(CROP_SAMPLINGS)}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"unknown schedule {self.schedule!r}; use constant or cosine")
         multiple = models.unet_multiple(self.depth)
@@ -1521,10 +1530,13 @@ class CropBatches(keras.utils.PyDataset):
 
     def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], config: UNetConfig,
                  rng: np.random.Generator, canny_thresholds: tuple[float, float] = (10, 200)) -> None:
+        from cellkit import segmentation
+
         super().__init__()
         self.images, self.labels, self.config, self.rng = list(images), list(labels), config, rng
         self.canny_thresholds = canny_thresholds
         recipe, self.rot90 = _augmentation(config.augmentation)
+        self.image_weights = segmentation.nuclei_weights(self.labels) if config.crop_sampling == "nuclei" else None
         self.noise_sigma = recipe.noise_sigma if recipe is not None else 0.0
         self.recipe = None if recipe is None else replace(recipe, noise_sigma=0.0, noise_channels=None)
 
@@ -1536,7 +1548,7 @@ class CropBatches(keras.utils.PyDataset):
 
         c = self.config
         crops, labels = segmentation.random_crops(self.images, self.labels, c.batch_size, c.crop, self.rng,
-                                                  c.foreground_fraction, self.recipe)
+                                                  c.foreground_fraction, self.recipe, self.image_weights)
         if self.rot90:
             turns = self.rng.integers(0, 4, len(crops))
             crops = np.stack([np.rot90(x, k) for x, k in zip(crops, turns, strict=True)])

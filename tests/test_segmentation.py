@@ -140,6 +140,25 @@ def test_random_crops_shapes_foreground_and_determinism():
     assert any((field.fluorescence[i : i + 64, j : j + 64] == crop).all() for i, j in hits)
 
 
+def test_random_crops_pick_images_in_proportion_to_their_weights():
+    # constant images 0, 1, 2 tell which image a crop came from
+    images = [np.full((32, 32), k, np.uint8) for k in range(3)]
+    labels = [np.zeros((32, 32), np.int32)] * 3
+    x, _ = seg.random_crops(images, labels, n=3000, size=16, rng=np.random.default_rng(1),
+                            image_weights=[1.0, 0.0, 3.0])
+    share = np.bincount(x[:, 0, 0], minlength=3) / len(x)
+    np.testing.assert_allclose(share, [0.25, 0.0, 0.75], atol=0.03)
+    for bad in ([1.0, 2.0], [1.0, -1.0, 1.0], [0.0, 0.0, 0.0], [1.0, np.nan, 1.0]):
+        with pytest.raises(ValueError, match="image_weights"):
+            seg.random_crops(images, labels, n=1, size=16, image_weights=bad)
+
+
+def test_nuclei_weights_count_objects_with_at_least_one():
+    labels = np.zeros((10, 10), np.int32)
+    labels[1:3, 1:3], labels[5:7, 5:7], labels[8, 8] = 4, 9, 2
+    np.testing.assert_array_equal(seg.nuclei_weights([labels, np.zeros((5, 5), np.int32), labels > 0]), [3, 1, 1])
+
+
 def test_random_crops_pad_small_images_with_mirrored_objects_as_new_ids():
     image = np.zeros((40, 50, 2), np.float32)
     labels = np.zeros((40, 50), np.uint16)

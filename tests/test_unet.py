@@ -92,6 +92,8 @@ def test_config_rejects_what_cannot_work():
         training.UNetConfig(channels=("sobel",))
     with pytest.raises(ValueError, match="nucleus_diameter"):
         training.UNetConfig(nucleus_diameter=0)
+    with pytest.raises(ValueError, match="crop_sampling"):
+        training.UNetConfig(crop_sampling="pixels")
 
 
 def test_training_images_are_zoomed_to_the_nucleus_diameter():
@@ -119,6 +121,10 @@ def test_crop_batches_have_the_right_inputs_and_targets():
     x1, y1 = training.CropBatches(training.normalised_images(data), data.labels, binary,
                                   np.random.default_rng(0))[0]
     assert x1.shape == (4, 64, 64, 1) and y1.shape == (4, 64, 64, 1) and set(np.unique(y1)) <= {0.0, 1.0}
+    by_nuclei = training.CropBatches(training.normalised_images(data), data.labels,
+                                     replace_config(config, crop_sampling="nuclei"), np.random.default_rng(0))
+    np.testing.assert_array_equal(by_nuclei.image_weights, [label.max() for label in data.labels])
+    assert by_nuclei[0][0].shape == x.shape
 
 
 def replace_config(config, **changes):
