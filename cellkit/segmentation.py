@@ -290,14 +290,15 @@ def random_crops(
     rng = np.random.default_rng(0) if rng is None else rng
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     recipe = None if augmentation is None else dataclasses.replace(augmentation, crop=None)
-    cumulative = None if image_weights is None else _cumulative_probabilities(image_weights, len(images))
+    cumulative = None if image_weights is None else _cumulative_weights(image_weights, len(images))
     foreground: dict[int, np.ndarray] = {}
     out_images, out_labels = [], []
     for _ in range(n):
         if cumulative is None:
             k = int(rng.integers(len(images)))
         else:
-            k = min(int(np.searchsorted(cumulative, rng.random(), side="right")), len(images) - 1)
+            # the first image whose cumulative weight exceeds the draw: never one of weight 0
+            k = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
         image, label = _pad_pair(np.asarray(images[k]), np.asarray(labels[k]), (h, w))
         if image.shape[:2] != label.shape:
             raise DataError(f"image {k} is {image.shape[:2]} but its labels are {label.shape}")
@@ -320,13 +321,13 @@ def random_crops(
     return np.stack(out_images), np.stack(out_labels).astype(np.int32, copy=False)
 
 
-def _cumulative_probabilities(weights: Sequence[float], n: int) -> np.ndarray:
-    """Cumulative sums (n,) of ``weights`` normalised to 1; a ValueError unless n finite, non-negative weights
-    with a positive sum."""
+def _cumulative_weights(weights: Sequence[float], n: int) -> np.ndarray:
+    """Cumulative sums ``float64`` (n,) of ``weights``; a ValueError unless they are n finite, non-negative
+    numbers with a positive sum."""
     weights = np.asarray(weights, dtype=np.float64)
     if weights.shape != (n,) or not np.all(np.isfinite(weights)) or (weights < 0).any() or weights.sum() <= 0:
         raise ValueError(f"image_weights must be {n} finite non-negative numbers with a positive sum")
-    return np.cumsum(weights / weights.sum())
+    return np.cumsum(weights)
 
 
 def nuclei_weights(labels: Sequence[np.ndarray]) -> np.ndarray:
