@@ -1954,6 +1954,8 @@ def evaluate_saved_unet(path: str | Path, val: Any, test: Any | None = None, kee
     side = models.sidecar_path(path)
     record = json.loads(side.read_text()) if side.is_file() else {}
     known = {k: v for k, v in record.get("unet_config", {}).items() if k in UNetConfig.__dataclass_fields__}
+    if known:
+        known.setdefault("crop_sampling", "image")  # records older than crop_sampling: crops picked images uniformly
     config = UNetConfig(**known) if known else UNetConfig(n_classes=trained.info.n_classes,
                                                           channels=tuple(trained.info.channels),
                                                           base_filters=trained.info.base_filters)

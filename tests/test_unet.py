@@ -217,8 +217,13 @@ def test_save_load_round_trip_keeps_metadata_and_predictions(tiny_run, tmp_path)
     np.testing.assert_allclose(loaded.probabilities(image), tiny_run.trained.probabilities(image), atol=1e-5)
     with pytest.raises(DataError, match="not a classifier"):
         models.load(path)  # the classifier loader says what to use instead
-    again = training.evaluate_saved_unet(path, *[synthetic.nuclei_dataset(n_images=1, seed=s) for s in (11, 12)])
+    sets = [synthetic.nuclei_dataset(n_images=1, seed=s) for s in (11, 12)]
+    again = training.evaluate_saved_unet(path, *sets)
     assert again.fit.epochs_run == 3 and 0 <= again.test_scores["f1"] <= 1
+    assert again.config == tiny_run.config
+    del record["unet_config"]["crop_sampling"]  # a record written before the option existed
+    path.with_suffix(".json").write_text(json.dumps(record))
+    assert training.evaluate_saved_unet(path, *sets).config.crop_sampling == "image"
 
 
 def test_bfloat16_inference_is_close_to_float32(tiny_run):
