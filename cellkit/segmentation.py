@@ -8,6 +8,7 @@ No Keras here: a model enters only as a ``predict`` callable, ``(B, h, w, C) flo
 ==========================================  ==============================================================
 :func:`percentile_normalise`                per-image robust scaling to [0, 1]
 :func:`input_stack`                         network input: original / inverse / Canny channels (report 002)
+:func:`local_contrast`                      an optional channel: each pixel against its surroundings
 :func:`pad_to_multiple`, :func:`crop_to`    U-Net sizes (a multiple of 16 for 4 poolings) and back
 :func:`binary_target`                       2-class target: 0 background, 1 nucleus
 :func:`three_class_target`                  3-class target: 0 background, 1 cell interior, 2 edge (report 002)
@@ -65,6 +66,8 @@ __all__ = [
     "AUTOLABEL_DIAMETER",
     "AUTOLABEL_WINDOW",
     "CHANNELS",
+    "INPUT_CHANNELS",
+    "LOCAL_SIGMA",
     "COUNT_METHODS",
     "MAX_UNTILED_PIXELS",
     "SCALE_LIMITS",
@@ -84,6 +87,7 @@ __all__ = [
     "input_stack",
     "instances_from_foreground",
     "instances_from_three_class",
+    "local_contrast",
     "median_diameter",
     "otsu_watershed",
     "pad_to_multiple",
@@ -102,8 +106,12 @@ __all__ = [
     "zoom",
 ]
 
-#: Channel names :func:`input_stack` knows, in report 002's order.
+#: Report 002's enhanced input, in its order.
 CHANNELS = ("original", "inverse", "canny")
+#: Channel names :func:`input_stack` knows: report 002's and ``local`` (:func:`local_contrast`).
+INPUT_CHANNELS = (*CHANNELS, "local")
+#: Gaussian scale (px, at the network's zoom) of the ``local`` channel: one nucleus diameter of the default model.
+LOCAL_SIGMA = 16.0
 #: Classes of the 3-class target and output (report 002), index = class id.
 THREE_CLASSES = ("background", "cell", "edge")
 #: Largest image (pixels) :func:`predict_tiled` sends to ``predict`` in one piece when ``tile`` is None. A U-Net
@@ -165,6 +173,29 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def local_contrast(image: np.ndarray, sigma: float = LOCAL_SIGMA, floor: float = 0.04, smooth: float = 1.5
+                   ) -> np.ndarray:
+    """Local contrast of a [0, 1] image (H, W): the image smoothed by a Gaussian of ``smooth`` px, then
+    ``(x - mean) / sqrt(var + floor^2)`` with Gaussian-weighted mean and variance of scale ``sigma`` px, mapped
+    from [-3, 3] to [0, 1] (0.5 = the local mean).
+
+    Why: one percentile scaling per image leaves dim nuclei beside bright ones near the background level (DSB's
+    tissue sections); here each nucleus is measured against its neighbourhood. The smoothing and ``floor`` (in the
+    image's [0, 1] units) keep pixel noise in flat background from being amplified into nucleus-like speckle (on a
+    noisy DSB test image at the network's zoom, the share of background pixels above 1 local standard deviation
+    drops from 7 % to 0.3 %). Local, so a crop's channel matches the whole image's except within about 2
+    ``sigma`` of the crop's border (reflected there). Returns float32 (H, W).
+    """
+    x = np.asarray(image, dtype=np.float32)
+    if smooth > 0:
+        x = cv2.GaussianBlur(x, (0, 0), smooth, borderType=cv2.BORDER_REFLECT)
+    mean = cv2.GaussianBlur(x, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    centred = x - mean
+    variance = cv2.GaussianBlur(centred * centred, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    z = centred / np.sqrt(variance + np.float32(floor) ** 2)
+    return np.clip(np.float32(0.5) + z / np.float32(6), 0.0, 1.0)
+
+
 def input_stack(
     image: np.ndarray,
     channels: Sequence[str] = ("original",),
@@ -179,20 +210,23 @@ def input_stack(
     - ``canny``: Canny edges (0 or 1) of the normalised image quantised to 8 bits, with hysteresis thresholds
       ``canny_thresholds`` on the 0..255 scale (OpenCV, 3 x 3 Sobel, L1 gradient). Report 002 gives no values;
       the default is report 000's 10 and 200. On 40 normalised DSB training images, 70 % of its edge pixels lie
-      within 2 px of a true nucleus edge and 87 % of true edge pixels within 2 px of a Canny edge.
+      within 2 px of a true nucleus edge and 87 % of true edge pixels within 2 px of a Canny edge;
+    - ``local``: :func:`local_contrast` of the original channel, [0, 1].
 
     ``image``: (H, W) or (H, W, C) (averaged to grey), any numeric dtype. ``("original",)`` is the plain
     1-channel input; ``CHANNELS`` is report 002's enhanced input.
     """
-    unknown = [c for c in channels if c not in CHANNELS]
+    unknown = [c for c in channels if c not in INPUT_CHANNELS]
     if unknown or not channels:
-        raise ValueError(f"channels must be a non-empty selection of {CHANNELS}, got {tuple(channels)}")
+        raise ValueError(f"channels must be a non-empty selection of {INPUT_CHANNELS}, got {tuple(channels)}")
     original = percentile_normalise(_grey(image), low, high)
     made = {"original": original}
     if "inverse" in channels:
         made["inverse"] = np.float32(1) - original
     if "canny" in channels:
         made["canny"] = transforms.canny(transforms.as_uint8(original), *canny_thresholds) > 0
+    if "local" in channels:
+        made["local"] = local_contrast(original)
     return np.stack([made[c] for c in channels], axis=-1).astype(np.float32, copy=False)
 
 

@@ -1380,7 +1380,8 @@ class UNetConfig:
     Attributes
     ----------
     n_classes : 1 (sigmoid + binary focal loss, report 003) or 3 (softmax + weighted cross-entropy, report 002).
-    channels : input channels of :func:`cellkit.segmentation.input_stack` (report 002: original, inverse, canny).
+    channels : input channels of :func:`cellkit.segmentation.input_stack` (report 002: original, inverse, canny;
+        ``local`` adds :func:`cellkit.segmentation.local_contrast`, cut from the whole image for each crop).
     base_filters, depth, dropout, batch_norm : the architecture (:func:`cellkit.models.build_unet`; report 003:
         64 filters, depth 4, dropout 0.05, batch norm).
     crop : side in pixels of the square training crops (report 002: 128 best, 256).
@@ -1439,9 +1440,10 @@ class UNetConfig:
         self.class_weights = tuple(float(w) for w in self.class_weights)
         if self.n_classes not in (1, 3):
             raise ValueError(f"n_classes must be 1 (foreground) or 3 (background, cell, edge), got {self.n_classes}")
-        unknown = [c for c in self.channels if c not in segmentation.CHANNELS]
+        unknown = [c for c in self.channels if c not in segmentation.INPUT_CHANNELS]
         if unknown or not self.channels:
-            raise ValueError(f"channels must be a non-empty selection of {segmentation.CHANNELS}, got {self.channels}")
+            raise ValueError(f"channels must be a non-empty selection of {segmentation.INPUT_CHANNELS}, "
+                             f"got {self.channels}")
         if self.augmentation not in UNET_AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {self.augmentation!r}; use {', '.join(UNET_AUGMENTATIONS)}")
         if self.crop_sampling not in CROP_SAMPLINGS:
@@ -1491,23 +1493,44 @@ def _augmentation(name: str) -> tuple[Any, bool]:
 
 
 def stack_from_normalised(grey: np.ndarray, channels: Sequence[str], canny_thresholds: tuple[float, float] = (10, 200),
-                          noise: np.ndarray | None = None) -> np.ndarray:
+                          noise: np.ndarray | None = None, local: np.ndarray | None = None) -> np.ndarray:
     """The :func:`cellkit.segmentation.input_stack` channels of an image already normalised to [0, 1] (a crop
     of a whole-image normalisation, so crops keep the scaling of the image they come from). ``noise`` (same
     shape) is added to the original channel after Canny edges are taken, so the inverse gets it too and the
-    Canny channel does not (report 002). Returns (H, W, C) float32."""
+    Canny channel does not (report 002). ``local``: the same crop of the whole image's
+    :func:`cellkit.segmentation.local_contrast` (a crop's own would differ within about 2 sigma of its border);
+    needed when ``channels`` has ``local``. Returns (H, W, C) float32."""
     from cellkit import transforms
 
     original = np.asarray(grey, dtype=np.float32)
     made: dict[str, np.ndarray] = {}
     if "canny" in channels:
         made["canny"] = (transforms.canny(transforms.as_uint8(original), *canny_thresholds) > 0).astype(np.float32)
+    if "local" in channels:
+        if local is None:
+            raise ValueError("the local channel must be cut from the whole image's local contrast; pass local=")
+        made["local"] = np.asarray(local, dtype=np.float32)
     if noise is not None:
         original = np.clip(original + noise, 0.0, 1.0)
     made["original"] = original
     if "inverse" in channels:
         made["inverse"] = np.float32(1) - original
     return np.stack([made[c] for c in channels], axis=-1).astype(np.float32, copy=False)
+
+
+def with_local_contrast(images: Sequence[np.ndarray], channels: Sequence[str]) -> list[np.ndarray]:
+    """Whole normalised images (H, W) as they are, or, when ``channels`` has ``local``, as (H, W, 2): the image
+    and its :func:`cellkit.segmentation.local_contrast`, so that crops cut both at once."""
+    from cellkit import segmentation
+
+    if "local" not in channels:
+        return list(images)
+    return [np.stack([image, segmentation.local_contrast(image)], axis=-1) for image in images]
+
+
+def _split_local(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(grey, local or None) of a crop of :func:`with_local_contrast`'s images."""
+    return (crop[..., 0], crop[..., 1]) if crop.ndim == 3 else (crop, None)
 
 
 def unet_targets(labels: np.ndarray, n_classes: int, edge_width: int = 1) -> np.ndarray:
@@ -1533,7 +1556,8 @@ class CropBatches(keras.utils.PyDataset):
         from cellkit import segmentation
 
         super().__init__()
-        self.images, self.labels, self.config, self.rng = list(images), list(labels), config, rng
+        self.images, self.labels, self.config, self.rng = with_local_contrast(images, config.channels), list(labels), \
+            config, rng
         self.canny_thresholds = canny_thresholds
         recipe, self.rot90 = _augmentation(config.augmentation)
         self.image_weights = segmentation.nuclei_weights(self.labels) if config.crop_sampling == "nuclei" else None
@@ -1553,10 +1577,11 @@ class CropBatches(keras.utils.PyDataset):
             turns = self.rng.integers(0, 4, len(crops))
             crops = np.stack([np.rot90(x, k) for x, k in zip(crops, turns, strict=True)])
             labels = np.stack([np.rot90(y, k) for y, k in zip(labels, turns, strict=True)])
-        noise = (self.rng.standard_normal(crops.shape, dtype=np.float32) * np.float32(self.noise_sigma)
-                 if self.noise_sigma > 0 else [None] * len(crops))
-        x = np.stack([stack_from_normalised(crop, c.channels, self.canny_thresholds, n)
-                      for crop, n in zip(crops, noise, strict=True)])
+        greys, locals_ = zip(*(_split_local(crop) for crop in crops), strict=True)
+        noise = (self.rng.standard_normal((len(crops), *greys[0].shape), dtype=np.float32)
+                 * np.float32(self.noise_sigma) if self.noise_sigma > 0 else [None] * len(crops))
+        x = np.stack([stack_from_normalised(grey, c.channels, self.canny_thresholds, n, local)
+                      for grey, n, local in zip(greys, noise, locals_, strict=True)])
         return x, unet_targets(labels, c.n_classes, c.edge_width)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1591,9 +1616,11 @@ def validation_crops(data: Any, config: UNetConfig, seed: int) -> tuple[np.ndarr
     augmentation."""
     from cellkit import segmentation
 
-    crops, labels = segmentation.random_crops(*zoomed_images(data, config.nucleus_diameter), config.val_crops,
+    images, labels = zoomed_images(data, config.nucleus_diameter)
+    crops, labels = segmentation.random_crops(with_local_contrast(images, config.channels), labels, config.val_crops,
                                               config.val_crop_size, np.random.default_rng(seed), 0.5, None)
-    x = np.stack([stack_from_normalised(crop, config.channels) for crop in crops])
+    pairs = [_split_local(crop) for crop in crops]
+    x = np.stack([stack_from_normalised(grey, config.channels, local=local) for grey, local in pairs])
     return x, unet_targets(labels, config.n_classes, config.edge_width)
 
 

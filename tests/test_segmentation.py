@@ -71,6 +71,24 @@ def test_percentile_normalise_range_and_constant_images():
         assert z.dtype == np.float32 and np.all(z == 0)
 
 
+def test_local_contrast_measures_each_spot_against_its_neighbourhood():
+    image = np.full((128, 256), 0.05, np.float32)
+    image[30:40, 30:40] = 0.9  # a bright nucleus ...
+    image[30:40, 200:210] = 0.15  # ... and a dim one far away, 0.1 above its background
+    local = seg.local_contrast(image, sigma=16)
+    assert local.dtype == np.float32 and local.shape == image.shape
+    assert 0.0 <= local.min() and local.max() <= 1.0
+    # the dim nucleus, 0.15 in the image, stands out locally (over 2 local standard deviations: > 0.83)
+    assert local[35, 205] > 0.83 and local[35, 35] > 0.95
+    assert local[100, 120] == pytest.approx(0.5, abs=1e-3)  # flat background: the local mean
+    np.testing.assert_allclose(seg.local_contrast(np.full((32, 32), 0.3, np.float32)), 0.5, atol=1e-6)
+    # pixel noise (sigma 0.03) on flat background: without smoothing and floor 16 % of pixels lie above one
+    # local standard deviation; with them, none
+    noise = np.clip(0.1 + 0.03 * np.random.default_rng(0).standard_normal((128, 128)), 0, 1).astype(np.float32)
+    assert (seg.local_contrast(noise, floor=0, smooth=0) > 0.5 + 1 / 6).mean() > 0.1
+    assert (seg.local_contrast(noise) > 0.5 + 1 / 6).mean() < 0.001
+
+
 def test_input_stack_channels():
     image = np.full((64, 64), 20, np.uint8)
     image[20:44, 20:44] = 200
@@ -87,6 +105,9 @@ def test_input_stack_channels():
     assert one.shape == (64, 64, 1)
     np.testing.assert_array_equal(one[..., 0], original)
     assert seg.input_stack(np.dstack([image] * 3), ("inverse",)).shape == (64, 64, 1)  # colour averaged
+    four = seg.input_stack(image, seg.INPUT_CHANNELS)
+    np.testing.assert_array_equal(four[..., :3], stack)
+    np.testing.assert_allclose(four[..., 3], seg.local_contrast(original))
     with pytest.raises(ValueError, match="channels"):
         seg.input_stack(image, ("original", "sobel"))
 

@@ -127,6 +127,18 @@ def test_crop_batches_have_the_right_inputs_and_targets():
     assert by_nuclei[0][0].shape == x.shape
 
 
+def test_local_channel_of_crops_is_cut_from_the_whole_image():
+    field = synthetic.nuclei_field(shape=(96, 96), seed=5)
+    image = segmentation.percentile_normalise(field.fluorescence)
+    config = training.UNetConfig(channels=segmentation.INPUT_CHANNELS, crop=96, batch_size=2, steps_per_epoch=1,
+                                 augmentation="none", nucleus_diameter=None)
+    x, _ = training.CropBatches([image], [field.labels], config, np.random.default_rng(0)).batch()
+    whole = segmentation.input_stack(field.fluorescence, segmentation.INPUT_CHANNELS)
+    np.testing.assert_allclose(x[0], whole, atol=1e-6)  # a crop the size of the image is the image
+    with pytest.raises(ValueError, match="local"):
+        training.stack_from_normalised(image, segmentation.INPUT_CHANNELS)
+
+
 def replace_config(config, **changes):
     from dataclasses import replace
 
