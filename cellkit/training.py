@@ -1556,8 +1556,8 @@ class CropBatches(keras.utils.PyDataset):
         from cellkit import segmentation
 
         super().__init__()
-        self.images, self.labels, self.config, self.rng = with_local_contrast(images, config.channels), list(labels), \
-            config, rng
+        self.images = with_local_contrast(images, config.channels)
+        self.labels, self.config, self.rng = list(labels), config, rng
         self.canny_thresholds = canny_thresholds
         recipe, self.rot90 = _augmentation(config.augmentation)
         self.image_weights = segmentation.nuclei_weights(self.labels) if config.crop_sampling == "nuclei" else None
