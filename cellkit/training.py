@@ -1419,7 +1419,7 @@ class UNetConfig:
     epochs: int = 40
     learning_rate: float = 2e-3
     schedule: str = "cosine"
-    augmentation: str = "report002"
+    augmentation: str = "report002+rot90"
     foreground_fraction: float = 0.5
     crop_sampling: str = "nuclei"
     class_weights: tuple[float, ...] = (1.0, 1.0, 3.0)
@@ -1431,7 +1431,7 @@ class UNetConfig:
     val_crop_size: int = 256
     tile: int = 512
     overlap: int = 32
-    nucleus_diameter: float | None = 16.0
+    nucleus_diameter: float | None = 24.0
 
     def __post_init__(self) -> None:
         from cellkit import segmentation

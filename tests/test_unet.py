@@ -159,7 +159,8 @@ def tiny_run():
     val = synthetic.nuclei_dataset(n_images=2, seed=11)
     test = synthetic.nuclei_dataset(n_images=2, seed=12)
     config = training.UNetConfig(base_filters=4, crop=64, batch_size=4, epochs=3, steps_per_epoch=6,
-                                 learning_rate=3e-3, val_crops=4, val_crop_size=64, augmentation="report002+rot90")
+                                 learning_rate=3e-3, val_crops=4, val_crop_size=64, augmentation="report002+rot90",
+                                 nucleus_diameter=16.0)
     return training.train_unet(train, val, test, config=config, seed=0, progress="none", throughput_seconds=0.2,
                                keep_test_predictions=True)
 
