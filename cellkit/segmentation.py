@@ -110,7 +110,7 @@ __all__ = [
 CHANNELS = ("original", "inverse", "canny")
 #: Channel names :func:`input_stack` knows: report 002's and ``local`` (:func:`local_contrast`).
 INPUT_CHANNELS = (*CHANNELS, "local")
-#: Gaussian scale (px, at the network's zoom) of the ``local`` channel: one nucleus diameter of the default model.
+#: Gaussian scale (px, at the network's zoom) of the ``local`` channel: one nucleus diameter at a 16-px zoom.
 LOCAL_SIGMA = 16.0
 #: Classes of the 3-class target and output (report 002), index = class id.
 THREE_CLASSES = ("background", "cell", "edge")
