@@ -1143,8 +1143,8 @@ class TrainedUNet:
         :meth:`scale`), tiled with overlap as recorded (``tile`` overrides it; None predicts the whole image in
         one piece, for images up to :data:`cellkit.segmentation.MAX_UNTILED_PIXELS`), resized back to (H, W).
         ``flips``: test-time augmentation, the mean over the image and its three flips (4 times the network's
-        work; on the DSB test split of a 16-filter model with 16-px nuclei F1 0.897 -> 0.900, SEG 0.772 -> 0.775); None:
-        the ``flips`` given when this object was made."""
+        work; the default model on the DSB test split: F1 0.8972 -> 0.8973, SEG 0.7801 -> 0.7804); None: the
+        ``flips`` given when this object was made."""
         from cellkit import segmentation
 
         tile = self.info.tile if tile == "auto" else tile
