@@ -1094,10 +1094,11 @@ class UNetInfo:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "class_names": self.class_names}
 
-    def build(self) -> keras.Model:
-        """A fresh (untrained) network of this architecture, in the current Keras dtype policy."""
-        return build_unet(len(self.channels), self.n_classes, self.base_filters, self.depth, self.dropout,
-                          self.batch_norm)
+    def build(self, **architecture: Any) -> keras.Model:
+        """A fresh (untrained) network of this architecture, in the current Keras dtype policy; ``architecture``
+        (``dropout``, ``batch_norm``) overrides the recorded values."""
+        settings = {"dropout": self.dropout, "batch_norm": self.batch_norm, **architecture}
+        return build_unet(len(self.channels), self.n_classes, self.base_filters, self.depth, **settings)
 
 
 class TrainedUNet:
@@ -1109,6 +1110,15 @@ class TrainedUNet:
 
     def __init__(self, model: Any, info: UNetInfo, eager: bool = False, flips: bool = False) -> None:
         self.model, self.info, self.eager, self.flips = model, info, eager, flips
+        self._network: Any = None
+
+    @property
+    def network(self) -> Any:
+        """What predicts: :attr:`model` with its batch norm folded into the convolutions
+        (:func:`unet_for_inference`), made on first use. ``model`` stays as trained, for saving."""
+        if self._network is None:
+            self._network = unet_for_inference(self.model, self.info)
+        return self._network
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """Network output (B, h, w, K) float32 for input stacks (B, h, w, C), h and w multiples of 2 ** depth.
@@ -1118,8 +1128,8 @@ class TrainedUNet:
         """
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if self.eager:
-            return np.asarray(self.model(batch, training=False), np.float32)
-        return np.asarray(self.model.predict_on_batch(batch), np.float32)
+            return np.asarray(self.network(batch, training=False), np.float32)
+        return np.asarray(self.network.predict_on_batch(batch), np.float32)
 
     def stack(self, image: np.ndarray) -> np.ndarray:
         """The network input of ``image`` (H, W) or (H, W, C), any dtype: normalised channels (H, W, C)."""
@@ -1175,22 +1185,56 @@ class TrainedUNet:
         return self.instances(probs, **overrides), probs
 
 
+def _compute_precision(model: Any) -> str:
+    """``bfloat16`` if any layer of ``model`` computes in it (Keras ``mixed_bfloat16``), else ``float32``."""
+    return "bfloat16" if any(getattr(layer, "compute_dtype", "float32") == "bfloat16" for layer in model.layers) \
+        else "float32"
+
+
+def _build_in_precision(info: UNetInfo, precision: str, **architecture: Any) -> Any:
+    """:meth:`UNetInfo.build` under the Keras dtype policy of ``precision``; the global policy is restored."""
+    keras = _keras()
+    previous = keras.config.dtype_policy()
+    try:
+        keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+        return info.build(**architecture)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def unet_for_inference(model: Any, info: UNetInfo) -> Any:
+    """A copy of the trained U-Net ``model`` for prediction only, in the same precision: each batch
+    normalisation folded into the convolution before it (scale ``gamma / sqrt(var + eps)`` on the kernel, bias
+    ``beta - mean * scale``) and dropout left out. The same function up to rounding (float32: within 1e-5), in
+    half the time under ``mixed_bfloat16`` on a CPU: batch norm and ReLU no longer make passes of their own
+    over every activation. A model without batch norm is returned as it is."""
+    if not info.batch_norm:
+        return model
+    folded = _build_in_precision(info, _compute_precision(model), dropout=0.0, batch_norm=False)
+    for layer in folded.layers:
+        if not layer.weights:
+            continue
+        trained = model.get_layer(layer.name)
+        norm_name = layer.name.replace("_conv", "_bn")
+        if norm_name == layer.name:  # transpose convolutions and the output: no batch norm after them
+            layer.set_weights(trained.get_weights())
+            continue
+        norm = model.get_layer(norm_name)
+        gamma, beta, mean, variance = (np.asarray(w, np.float64) for w in norm.get_weights())
+        scale = gamma / np.sqrt(variance + norm.epsilon)
+        (kernel,) = trained.get_weights()
+        layer.set_weights([(kernel * scale).astype(np.float32), (beta - mean * scale).astype(np.float32)])
+    return folded
+
+
 def unet_in_precision(model: Any, info: UNetInfo, precision: str) -> Any:
     """A copy of ``model`` computing in ``precision`` (``float32`` or ``bfloat16``: Keras ``mixed_bfloat16``,
     float32 weights and output); the model itself if it already does. Weights are copied, nothing is retrained."""
     if precision not in ("float32", "bfloat16"):
         raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
-    current = "bfloat16" if any(getattr(layer, "compute_dtype", "float32") == "bfloat16" for layer in model.layers) \
-        else "float32"
-    if current == precision:
+    if _compute_precision(model) == precision:
         return model
-    keras = _keras()
-    previous = keras.config.dtype_policy()
-    try:
-        keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
-        copy = info.build()
-    finally:
-        keras.config.set_dtype_policy(previous)
+    copy = _build_in_precision(info, precision)
     copy.set_weights(model.get_weights())
     return copy
 

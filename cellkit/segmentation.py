@@ -22,7 +22,7 @@ No Keras here: a model enters only as a ``predict`` callable, ``(B, h, w, C) flo
 :func:`predict_instances`                   image -> input stack -> tiled prediction -> instances
 :func:`otsu_watershed`                      the classical baseline, no network
 :func:`estimate_diameter`, :func:`zoom`     nucleus size without a network; rescale images to one nucleus size
-:func:`remove_small`, :func:`relabel_sequential`
+:func:`remove_small`, :func:`relabel_sequential`, :func:`holes_filled`
 :func:`single_cell_crops`                   one square 96 x 96 crop per cell (report 004); :func:`crops_from_dataset`
 :func:`automatic_labels`                    labels without annotation: CLAHE + adaptive Otsu (report 003)
 :func:`filter_label_images`                 report 003's rule: drop the emptiest 25 % and the over-full images
@@ -84,6 +84,7 @@ __all__ = [
     "estimate_diameter",
     "filter_by_diameter",
     "filter_label_images",
+    "holes_filled",
     "input_stack",
     "instances_from_foreground",
     "instances_from_three_class",
@@ -437,6 +438,21 @@ def _structure(connectivity: int) -> np.ndarray:
     return ndi.generate_binary_structure(2, connectivity)
 
 
+def holes_filled(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (H, W) with its holes filled: background regions not 4-connected to the image border become
+    foreground. The same result as ``scipy.ndimage.binary_fill_holes`` with its default structure, found by
+    labelling the background once (about 10 times faster than its iterated dilations). Returns ``bool``."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2 or mask.size == 0:
+        return ndi.binary_fill_holes(mask)
+    regions, _ = ndi.label(~mask, structure=_structure(1))
+    border = np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]])
+    outside = np.zeros(int(regions.max()) + 1, dtype=bool)
+    outside[border] = True
+    outside[0] = True  # label 0 is the mask itself
+    return mask | ~outside[regions]
+
+
 def _check_map(prob: np.ndarray, what: str, ndim: int = 2) -> np.ndarray:
     prob = np.asarray(prob)
     if prob.ndim != ndim:
@@ -455,7 +471,7 @@ def instances_from_foreground(
     """
     mask = _check_map(prob, "prob") > threshold
     if fill_holes:
-        mask = ndi.binary_fill_holes(mask)
+        mask = holes_filled(mask)
     labels, _ = ndi.label(mask, structure=_structure(connectivity))
     return remove_small(labels, min_size)
 
@@ -492,7 +508,7 @@ def instances_from_three_class(
     seeds = remove_small(seeds, min_seed_size)
     if not grow:
         return remove_small(seeds, min_size)
-    foreground = ndi.binary_fill_holes(p_cell + p_edge > foreground_threshold)
+    foreground = holes_filled(p_cell + p_edge > foreground_threshold)
     seeds = _seed_unseeded(seeds, foreground)
     labels = watershed(p_edge - p_cell, markers=seeds, mask=foreground)
     return remove_small(labels, min_size)
@@ -580,7 +596,7 @@ def probs_to_instances(probs: np.ndarray, split_touching: bool = False, **kwargs
         raise DataError(f"probs must be (H, W) or (H, W, K) with K in 1, 2, 3, got shape {probs.shape}")
     if split_touching:
         threshold = kwargs.pop("threshold", 0.5)
-        return watershed_split(ndi.binary_fill_holes(probs > threshold), **kwargs)
+        return watershed_split(holes_filled(probs > threshold), **kwargs)
     return instances_from_foreground(probs, **kwargs)
 
 
@@ -754,7 +770,7 @@ def otsu_watershed(
         grey = cv2.GaussianBlur(grey, (0, 0), sigma)
     if grey.size == 0 or grey.min() == grey.max():
         return np.zeros(grey.shape, np.int32)
-    mask = ndi.binary_fill_holes(grey > threshold_otsu(grey))
+    mask = holes_filled(grey > threshold_otsu(grey))
     return watershed_split(mask, h=h, sigma=distance_sigma, min_size=min_size)
 
 
@@ -957,7 +973,7 @@ def automatic_labels(
         return np.zeros(grey.shape, np.int32)
     image8 = grey if grey.dtype == np.uint8 else transforms.as_uint8(percentile_normalise(grey, 0.0, 100.0))
     enhanced = transforms.clahe(image8, clip_limit=clip_limit, block_size=block_size)
-    mask = ndi.binary_fill_holes(transforms.local_otsu_mask(enhanced, window, bounds, global_range))
+    mask = holes_filled(transforms.local_otsu_mask(enhanced, window, bounds, global_range))
     if split_touching:
         labels = watershed_split(mask, h=h, sigma=OTSU_DISTANCE_SIGMA, min_size=0)
     else:

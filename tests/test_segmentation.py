@@ -222,6 +222,26 @@ def test_remove_small_and_relabel():
     np.testing.assert_array_equal(seg.relabel_sequential(np.array([[0, 40], [7, 40]])), [[0, 2], [1, 2]])
 
 
+def test_holes_filled_known_case():
+    ring = np.zeros((7, 9), bool)
+    ring[1:6, 1:6] = True
+    ring[2:4, 2:4] = False  # a hole: filled
+    ring[0:3, 7] = True  # a bar on the border, the background beside it touches the border: not a hole
+    diamond = np.zeros((5, 5), bool)
+    diamond[[1, 2, 2, 3], [1, 0, 2, 1]] = True  # (2, 1) is shut in on its 4 sides, open only diagonally: a hole
+    filled = seg.holes_filled(ring)
+    assert filled.dtype == bool
+    assert filled[1:6, 1:6].all() and filled.sum() == 25 + 3
+    assert seg.holes_filled(diamond)[2, 1] and seg.holes_filled(diamond).sum() == 5
+
+
+def test_holes_filled_equals_scipy_on_random_masks():
+    rng = np.random.default_rng(7)
+    for _ in range(100):
+        mask = rng.random(tuple(rng.integers(1, 40, 2))) < rng.uniform(0.3, 0.8)
+        np.testing.assert_array_equal(seg.holes_filled(mask), ndi.binary_fill_holes(mask))
+
+
 def test_instances_from_foreground_components_and_small_objects():
     prob = np.zeros((30, 30), np.float32)
     prob[2:10, 2:10] = 0.9

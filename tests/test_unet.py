@@ -239,6 +239,18 @@ def test_save_load_round_trip_keeps_metadata_and_predictions(tiny_run, tmp_path)
     assert training.evaluate_saved_unet(path, *sets).config.crop_sampling == "image"
 
 
+def test_folded_batch_norm_predicts_as_the_trained_network(tiny_run):
+    model, info = tiny_run.trained.model, tiny_run.trained.info
+    folded = models.unet_for_inference(model, info)
+    kinds = {type(layer).__name__ for layer in folded.layers}
+    assert "BatchNormalization" not in kinds and "Dropout" not in kinds
+    norm = model.get_layer("down1_bn1").get_weights()
+    assert not np.allclose(norm[2], 0)  # the running mean has moved: there is something to fold
+    batch = np.random.default_rng(3).random((2, 64, 48, len(info.channels))).astype(np.float32)
+    np.testing.assert_allclose(folded(batch, training=False), model(batch, training=False), atol=1e-5)
+    assert tiny_run.trained.network.count_params() < model.count_params()  # what TrainedUNet predicts with
+
+
 def test_bfloat16_inference_is_close_to_float32(tiny_run):
     if not training.cpu_has_bf16():
         pytest.skip("no bfloat16 instructions on this CPU")
