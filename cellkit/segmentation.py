@@ -441,7 +441,8 @@ def _structure(connectivity: int) -> np.ndarray:
 def holes_filled(mask: np.ndarray) -> np.ndarray:
     """``mask`` (H, W) with its holes filled: background regions not 4-connected to the image border become
     foreground. The same result as ``scipy.ndimage.binary_fill_holes`` with its default structure, found by
-    labelling the background once (about 10 times faster than its iterated dilations). Returns ``bool``."""
+    labelling the background once instead of iterated dilations (about 3 times as fast on a 1-megapixel mask).
+    Returns ``bool``."""
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2 or mask.size == 0:
         return ndi.binary_fill_holes(mask)
