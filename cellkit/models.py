@@ -41,7 +41,8 @@ import json
 import os
 import sys
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1147,19 +1148,22 @@ class TrainedUNet:
             return 1.0
         return segmentation.scale_factor(segmentation.estimate_diameter(image), self.info.nucleus_diameter)
 
-    def probabilities(self, image: np.ndarray, tile: int | None | str = "auto", batch_size: int = 4,
-                      scale: float | str = "auto", flips: bool | None = None) -> np.ndarray:
-        """Per-pixel probabilities (H, W, K) of any-sized ``image`` (H, W[, C]): zoomed by ``scale`` (``auto``:
-        :meth:`scale`), tiled with overlap as recorded (``tile`` overrides it; None predicts the whole image in
-        one piece, for images up to :data:`cellkit.segmentation.MAX_UNTILED_PIXELS`), resized back to (H, W).
-        ``flips``: test-time augmentation, the mean over the image and its three flips (4 times the network's
-        work; the default model on the DSB test split: F1 0.8972 -> 0.8973, SEG 0.7801 -> 0.7804); None: the
-        ``flips`` given when this object was made."""
+    def prepare(self, image: np.ndarray, scale: float | str = "auto") -> np.ndarray:
+        """The network input (h, w, C) of ``image`` (H, W[, C]): zoomed by ``scale`` (``auto``: :meth:`scale`), then
+        :meth:`stack`."""
+        from cellkit import segmentation
+
+        factor = self.scale(image) if scale == "auto" else float(scale)
+        return self.stack(segmentation.zoom(image, factor))
+
+    def predict_stack(self, stack: np.ndarray, tile: int | None | str = "auto", batch_size: int = 4,
+                      flips: bool | None = None) -> np.ndarray:
+        """Network output (h, w, K) of a prepared input (h, w, C) (:meth:`prepare`), at its resolution, tiled with
+        overlap as recorded (``tile`` overrides it; None predicts it in one piece, up to
+        :data:`cellkit.segmentation.MAX_UNTILED_PIXELS`). ``flips``: see :meth:`probabilities`."""
         from cellkit import segmentation
 
         tile = self.info.tile if tile == "auto" else tile
-        factor = self.scale(image) if scale == "auto" else float(scale)
-        stack = self.stack(segmentation.zoom(image, factor))
         flips = self.flips if flips is None else flips
         views = [(False, False), (True, False), (False, True), (True, True)] if flips else [(False, False)]
         probs = np.zeros((*stack.shape[:2], self.info.n_classes), np.float32)
@@ -1169,7 +1173,19 @@ class TrainedUNet:
                                               overlap=self.info.overlap, batch_size=batch_size,
                                               multiple=unet_multiple(self.info.depth))
             probs += pred[::-1 if flip_y else 1, ::-1 if flip_x else 1]
-        return segmentation.resize_to(probs / len(views), np.shape(image)[:2])
+        return probs / len(views)
+
+    def probabilities(self, image: np.ndarray, tile: int | None | str = "auto", batch_size: int = 4,
+                      scale: float | str = "auto", flips: bool | None = None) -> np.ndarray:
+        """Per-pixel probabilities (H, W, K) of any-sized ``image`` (H, W[, C]): :meth:`prepare` (zoom by ``scale``),
+        :meth:`predict_stack` (tiles), resized back to (H, W).
+        ``flips``: test-time augmentation, the mean over the image and its three flips (4 times the network's
+        work; the default model on the DSB test split: F1 0.8972 -> 0.8973, SEG 0.7801 -> 0.7804); None: the
+        ``flips`` given when this object was made."""
+        from cellkit import segmentation
+
+        prediction = self.predict_stack(self.prepare(image, scale), tile, batch_size, flips)
+        return segmentation.resize_to(prediction, np.shape(image)[:2])
 
     def instances(self, probs: np.ndarray, **overrides: Any) -> np.ndarray:
         """Instance labels (H, W) int32 from probabilities, with the recorded post-processing (``overrides``
@@ -1183,6 +1199,66 @@ class TrainedUNet:
         """(instance labels (H, W) int32, probabilities (H, W, K) float32) of one image of any size."""
         probs = self.probabilities(image, tile)
         return self.instances(probs, **overrides), probs
+
+    def finish(self, image: np.ndarray, prediction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, probabilities) of ``image`` from its :meth:`predict_stack` output: what :meth:`segment` does
+        after the network."""
+        from cellkit import segmentation
+
+        probs = segmentation.resize_to(prediction, np.shape(image)[:2])
+        return self.instances(probs), probs
+
+    def segment_many(self, images: Iterable[np.ndarray], tile: int | None | str = "auto"
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`segment` of each image in order, faster: the next image is prepared and the previous one's
+        instances found on worker threads while the network works on the current one (:func:`overlapped`).
+        The same results as :meth:`segment`; an error is raised when its image comes up."""
+        steps = overlapped(images, self.prepare, lambda stack: self.predict_stack(stack, tile), self.finish)
+        for _, outcome in steps:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            yield outcome
+
+
+def overlapped(items: Iterable[Any], prepare: Callable[[Any], Any], run: Callable[[Any], Any],
+               finish: Callable[[Any, Any], Any]) -> Iterator[tuple[Any, Any]]:
+    """``(item, finish(item, run(prepare(item))))`` for each of ``items`` in order, or ``(item, exception)`` for an
+    item where a step raised one (the others go on).
+
+    ``prepare`` of the next item and ``finish`` of the previous one run on two worker threads while ``run`` (the
+    network, which uses every core) works on the current item in the calling thread. The steps around the network
+    run on one core; overlapping them keeps both cores of a 2-core CPU busy: all 459 DSB images went through the
+    default model at 1.12-1.24 Mpx/s this way against 1.00-1.02 one step after the other, with identical labels.
+    At most three items are in flight.
+    """
+    end = object()
+    with ThreadPoolExecutor(1) as before, ThreadPoolExecutor(1) as after:
+        iterator = iter(items)
+        current = next(iterator, end)
+        prepared = before.submit(prepare, current) if current is not end else None
+        previous: tuple[Any, Any] | None = None  # (item, future of its finish, or the exception raised)
+        while current is not end:
+            following = next(iterator, end)
+            ahead = before.submit(prepare, following) if following is not end else None
+            try:
+                outcome: Any = after.submit(finish, current, run(prepared.result()))
+            except Exception as error:  # noqa: BLE001 - handed to the caller with its item
+                outcome = error
+            if previous is not None:
+                yield previous[0], _outcome(previous[1])
+            previous, current, prepared = (current, outcome), following, ahead
+        if previous is not None:
+            yield previous[0], _outcome(previous[1])
+
+
+def _outcome(outcome: Any) -> Any:
+    """The result of a future, or the exception it raised; an exception stays as it is."""
+    if isinstance(outcome, BaseException):
+        return outcome
+    try:
+        return outcome.result()
+    except Exception as error:  # noqa: BLE001
+        return error
 
 
 def _compute_precision(model: Any) -> str:
@@ -1336,7 +1412,8 @@ def segment_files(trained: TrainedUNet, files: Sequence[Path], out_dir: str | Pa
 
     Returns one row per segmented file: ``file``, ``labels`` (the written path), ``n_nuclei``, ``mean_area_px``
     (0 when none), ``height``, ``width``. A file that cannot be read or segmented is skipped and reported to
-    ``on_error(path, message)``.
+    ``on_error(path, message)``. Reading and preparing the next file, and finding and writing the previous one's
+    nuclei, run on worker threads while the network works (:func:`overlapped`).
     """
     from PIL import Image
 
@@ -1347,24 +1424,39 @@ def segment_files(trained: TrainedUNet, files: Sequence[Path], out_dir: str | Pa
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(files), desc="segmenting", unit="image", file=sys.stderr, dynamic_ncols=True)
+
+    def read_and_prepare(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        image = read_image(path)
+        return image, trained.prepare(image)
+
+    def predict(prepared: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        image, stack = prepared
+        return image, trained.predict_stack(stack, tile)
+
+    def write(path: Path, predicted: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+        image, prediction = predicted
+        labels, _ = trained.finish(image, prediction)
+        relative = path.relative_to(root).parent if root is not None else Path()
+        target = write_labels(labels, out_dir / relative / f"{path.stem}.png")
+        if overlay:
+            _overlay_png(image, labels, target.with_name(f"{path.stem}_overlay.png"))
+        areas = np.bincount(labels.ravel())[1:]
+        areas = areas[areas > 0]
+        return {"file": str(path), "labels": str(target), "n_nuclei": int(areas.size),
+                "mean_area_px": round(float(areas.mean()), 1) if areas.size else 0.0,
+                "height": int(labels.shape[0]), "width": int(labels.shape[1])}
+
+    expected = (DataError, ValueError, OSError, MemoryError, Image.DecompressionBombError)
     try:
-        for path in files:
-            try:
-                image = read_image(path)
-                labels, _ = trained.segment(image, tile=tile)
-                relative = path.relative_to(root).parent if root is not None else Path()
-                target = write_labels(labels, out_dir / relative / f"{path.stem}.png")
-                if overlay:
-                    _overlay_png(image, labels, target.with_name(f"{path.stem}_overlay.png"))
-                areas = np.bincount(labels.ravel())[1:]
-                areas = areas[areas > 0]
-                rows.append({"file": str(path), "labels": str(target), "n_nuclei": int(areas.size),
-                             "mean_area_px": round(float(areas.mean()), 1) if areas.size else 0.0,
-                             "height": int(labels.shape[0]), "width": int(labels.shape[1])})
-            except (DataError, ValueError, OSError, MemoryError, Image.DecompressionBombError) as error:
+        for path, outcome in overlapped(files, read_and_prepare, predict, write):
+            if isinstance(outcome, expected):
                 if on_error is not None:
-                    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    message = str(outcome).strip().splitlines()[0] if str(outcome).strip() else type(outcome).__name__
                     on_error(path, message)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                rows.append(outcome)
             if bar is not None:
                 bar.update(1)
     finally:

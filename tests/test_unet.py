@@ -216,6 +216,41 @@ def test_flip_averaging_is_the_mean_of_the_flipped_predictions(tiny_run):
         tiny_run.trained.probabilities(np.zeros((2100, 2100), np.uint8), tile=None)
 
 
+def test_segmenting_many_images_overlapped_gives_what_segment_gives(tiny_run):
+    unet = tiny_run.trained
+    images = [synthetic.nuclei_field(shape=shape, seed=seed).fluorescence
+              for seed, shape in enumerate([(64, 80), (100, 90), (37, 53), (64, 80)])]
+    many = list(unet.segment_many(images))
+    assert len(many) == len(images)
+    for image, (labels, probs) in zip(images, many, strict=True):
+        one_labels, one_probs = unet.segment(image)
+        np.testing.assert_array_equal(labels, one_labels)
+        np.testing.assert_allclose(probs, one_probs, atol=1e-6)
+    bad = np.zeros((0, 5))
+    with pytest.raises(Exception) as alone:
+        unet.segment(bad)
+    with pytest.raises(alone.type):  # the same error, when the bad image comes up
+        list(unet.segment_many([images[0], bad]))
+
+
+def test_overlapped_keeps_the_order_and_hands_back_each_items_error():
+    def prepare(x):
+        if x == 3:
+            raise ValueError("bad item 3")
+        return x * 10
+
+    def run(x):
+        if x == 50:
+            raise OSError("run failed on 5")
+        return x + 1
+
+    outcomes = list(models.overlapped(range(7), prepare, run, lambda item, ran: (item, ran)))
+    assert [item for item, _ in outcomes] == list(range(7))
+    assert isinstance(outcomes[3][1], ValueError) and isinstance(outcomes[5][1], OSError)
+    assert [o for i, o in outcomes if i not in (3, 5)] == [(i, i * 10 + 1) for i in (0, 1, 2, 4, 6)]
+    assert list(models.overlapped([], prepare, run, lambda item, ran: ran)) == []
+
+
 def test_save_load_round_trip_keeps_metadata_and_predictions(tiny_run, tmp_path):
     path = tiny_run.save(tmp_path / "unet.keras")
     with zipfile.ZipFile(path) as archive:
