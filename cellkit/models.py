@@ -30,9 +30,10 @@ weights read from disk only, see :func:`vgg16_weights`), :func:`build_transfer_h
 :func:`build_vgg16_classifier`; its inputs are scaled with ``caffe`` (:data:`PREPROCESSING`).
 
 The U-Net section at the end (reports 002, 003): :func:`build_unet`, its two losses, :class:`UNetInfo` and
-:class:`TrainedUNet` (any image in, instance labels out), :func:`save_unet` / :func:`load_unet`, and the file-level
-work of ``cellkit segment`` and ``cellkit evaluate segmentation`` (:func:`segment_files`,
-:func:`evaluate_label_folders`, :func:`segmentation_scores`).
+:class:`TrainedUNet` (any image in, instance labels out; :meth:`TrainedUNet.segment_many` overlaps the work around the
+network with it, :func:`overlapped`), :func:`save_unet` / :func:`load_unet`, and the file-level work of
+``cellkit segment`` and ``cellkit evaluate segmentation`` (:func:`segment_files`, :func:`evaluate_label_folders`,
+:func:`segmentation_scores`).
 """
 
 from __future__ import annotations
