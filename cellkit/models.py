@@ -1228,9 +1228,9 @@ def overlapped(items: Iterable[Any], prepare: Callable[[Any], Any], run: Callabl
 
     ``prepare`` of the next item and ``finish`` of the previous one run on two worker threads while ``run`` (the
     network, which uses every core) works on the current item in the calling thread. The steps around the network
-    run on one core; overlapping them keeps both cores of a 2-core CPU busy: all 459 DSB images went through the
-    default model at 1.12-1.24 Mpx/s this way against 1.00-1.02 one step after the other, with identical labels.
-    At most three items are in flight.
+    run on one core; overlapping them keeps both cores of a 2-core CPU busier: the default model segmented all 459
+    DSB images 1.1-1.4 times as fast this way as one step after the other (four alternating comparisons), with
+    identical labels. At most three items are in flight.
     """
     end = object()
     with ThreadPoolExecutor(1) as before, ThreadPoolExecutor(1) as after:
