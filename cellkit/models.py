@@ -1197,17 +1197,17 @@ class TrainedUNet:
 
     def segment(self, image: np.ndarray, tile: int | None | str = "auto", **overrides: Any
                 ) -> tuple[np.ndarray, np.ndarray]:
-        """(instance labels (H, W) int32, probabilities (H, W, K) float32) of one image of any size."""
-        probs = self.probabilities(image, tile)
-        return self.instances(probs, **overrides), probs
+        """(instance labels (H, W) int32, probabilities (H, W, K) float32) of one image of any size:
+        :meth:`prepare`, :meth:`predict_stack`, :meth:`finish`."""
+        return self.finish(image, self.predict_stack(self.prepare(image), tile), **overrides)
 
-    def finish(self, image: np.ndarray, prediction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(labels, probabilities) of ``image`` from its :meth:`predict_stack` output: what :meth:`segment` does
-        after the network."""
+    def finish(self, image: np.ndarray, prediction: np.ndarray, **overrides: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, probabilities) of ``image`` from its :meth:`predict_stack` output: the probabilities resized
+        back to the image's (H, W), then :meth:`instances` (``overrides`` as there)."""
         from cellkit import segmentation
 
         probs = segmentation.resize_to(prediction, np.shape(image)[:2])
-        return self.instances(probs), probs
+        return self.instances(probs, **overrides), probs
 
     def segment_many(self, images: Iterable[np.ndarray], tile: int | None | str = "auto"
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -1797,7 +1797,7 @@ def segmentation_throughput(trained: Any, images: Sequence[np.ndarray], min_seco
     if not len(images):
         raise ValueError("no images to time")
     trained.segment(images[0])  # warm-up: traces the network for this tile size
-    enough = max(min(len(images), 3), 1)
+    enough = min(len(images), 3)
 
     def cycled() -> Any:
         while True:
@@ -1805,14 +1805,12 @@ def segmentation_throughput(trained: Any, images: Sequence[np.ndarray], min_seco
 
     done_px, started = 0, time.perf_counter()
     steps = trained.segment_many(cycled())
-    for i, image in enumerate(cycled(), start=1):
-        next(steps)
-        done_px += image.shape[0] * image.shape[1]
+    for whole_images, (labels, _) in enumerate(steps, start=1):
+        done_px += labels.size  # labels have the original image's (H, W)
         elapsed = time.perf_counter() - started
-        if elapsed >= min_seconds / 2 and i >= enough:
+        if elapsed >= min_seconds / 2 and whole_images >= enough:
             break
-    steps.close()
-    whole_images = i
+    steps.close()  # lets the worker threads finish the image or two still in flight
     network_px, network_s = 0, 0.0
     for i, image in enumerate(cycled(), start=1):
         stack = trained.prepare(image)
