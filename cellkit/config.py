@@ -15,7 +15,8 @@ Environment variables
     A base URL serving the same archive names as the public sources; ``cellkit data fetch`` then downloads
     from it (an institutional mirror, or a local server in the tests).
 ``CELLKIT_FIGURES_DIR``
-    Where notebooks write figures and ``metrics.json`` (default ``figures/`` in the project).
+    Where notebooks write figures and ``metrics.json`` (default ``figures/`` in the project; smoke runs in
+    its ``smoke/`` subfolder).
 """
 
 from __future__ import annotations
@@ -62,9 +63,17 @@ def data_search_dirs() -> list[Path]:
     return dirs
 
 
-def figures_dir(notebook: str | None = None) -> Path:
-    """Where figures go: ``figures/`` or ``figures/<notebook>/`` (e.g. ``figures/01_eda``)."""
+#: Profiles whose runs only check that the code runs: their figures go to ``figures/<profile>/<notebook>/``
+#: so that they never replace the figures and numbers of a ``default`` or ``full`` run.
+CHECK_PROFILES = ("smoke",)
+
+
+def figures_dir(notebook: str | None = None, profile: str | None = None) -> Path:
+    """Where figures go: ``figures/``, ``figures/<notebook>/`` (e.g. ``figures/01_eda``), or for a smoke run
+    ``figures/smoke/<notebook>/``; ``default`` and ``full`` runs share ``figures/<notebook>/``."""
     root = _env_path("CELLKIT_FIGURES_DIR") or PROJECT_ROOT / "figures"
+    if profile in CHECK_PROFILES:
+        root = root / profile
     return root / notebook if notebook else root
 
 

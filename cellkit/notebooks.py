@@ -88,7 +88,8 @@ class NotebookRun:
     Parameters
     ----------
     notebook : the notebook's stem, e.g. ``"01_eda"``; its figures go to ``figures/01_eda/``.
-    profile : ``smoke``, ``default`` or ``full``.
+    profile : ``smoke``, ``default`` or ``full``; a smoke run writes to ``figures/smoke/01_eda/`` instead, so it
+        never replaces the figures and numbers of a default or full run.
     seed : seeds Python, NumPy and Keras (see :func:`cellkit.config.seed_everything`).
     parameters : the notebook's parameters, recorded as they were.
     allow_synthetic : if False, a missing dataset raises instead of falling back to synthetic data.
@@ -107,7 +108,7 @@ class NotebookRun:
         self.seed = seed
         self.parameters = dict(parameters or {})
         self.allow_synthetic = allow_synthetic
-        self.figures_dir = config.figures_dir(notebook)
+        self.figures_dir = config.figures_dir(notebook, profile)
         self.figures_dir.mkdir(parents=True, exist_ok=True)
         self.datasets: dict[str, dict[str, Any]] = {}
         self.splits: dict[str, Any] = {}
@@ -334,7 +335,7 @@ RESULTS_END = "<!-- results-table:end -->"
 
 
 def read_metrics(notebook: str) -> dict[str, Any] | None:
-    """The ``metrics.json`` a notebook last wrote, or None if it has not run."""
+    """The ``metrics.json`` a default or full run of a notebook last wrote, or None if it has not run."""
     path = config.figures_dir(notebook) / "metrics.json"
     return json.loads(path.read_text()) if path.is_file() else None
 

@@ -27,12 +27,12 @@ def test_metrics_json_records_what_was_used_and_measured(real_data, figures):
     path = run.finish(metrics={"mean": np.float32(0.5)}, headline={"accuracy": np.float64(0.75)})
 
     record = json.loads(path.read_text())
-    assert path == figures / "99_demo" / "metrics.json"
+    assert path == figures / "smoke" / "99_demo" / "metrics.json"
     assert record["profile"] == "smoke" and record["seed"] == 3 and record["parameters"] == {"n": 5}
     assert record["datasets"]["pbc28:val"]["synthetic"] is False and record["datasets"]["pbc28:val"]["n"] == 1710
     assert record["synthetic_data"] is False
     assert record["headline"] == {"accuracy": 0.75} and record["metrics"] == {"mean": 0.5}
-    assert record["figures"] == ["line.png"] and (figures / "99_demo" / "line.png").is_file()
+    assert record["figures"] == ["line.png"] and (figures / "smoke" / "99_demo" / "line.png").is_file()
     assert record["wall_time_s"] >= 0 and record["peak_memory_mb"] > 10
     assert record["versions"]["numpy"] == np.__version__
     assert record["git_commit"]
@@ -102,6 +102,20 @@ def test_results_table_reads_recorded_headlines(figures):
 def test_results_table_does_not_show_smoke_numbers(figures):
     notebooks.NotebookRun("01_eda", profile="smoke").finish(metrics={}, headline={"pbc_n_train": 5})
     assert "| 01_eda | PBC-28 training images | not measured yet |" in notebooks.results_table()
+
+
+def test_smoke_run_keeps_the_default_runs_figures_and_numbers(figures):
+    default = notebooks.NotebookRun("01_eda", profile="default")
+    default.save_fig(plt.figure(), "montage", close=True)
+    default.finish(metrics={}, headline={"pbc_n_train": 11965})
+    smoke = notebooks.NotebookRun("01_eda", profile="smoke")
+    smoke.save_fig(plt.figure(), "montage", close=True)
+    smoke.finish(metrics={}, headline={"pbc_n_train": 5})
+
+    assert notebooks.read_metrics("01_eda")["headline"] == {"pbc_n_train": 11965}
+    assert json.loads((figures / "smoke" / "01_eda" / "metrics.json").read_text())["headline"] == {"pbc_n_train": 5}
+    assert (figures / "01_eda" / "montage.png").is_file() and (figures / "smoke" / "01_eda" / "montage.png").is_file()
+    assert "| 01_eda | PBC-28 training images | 11965 |" in notebooks.results_table()
 
 
 def test_write_results_table_replaces_only_the_marked_part(figures, tmp_path):

@@ -65,7 +65,8 @@ def test_notebook_runs_in_smoke_profile_on_real_data(path, real_data, tmp_path, 
     result = notebooks.run_notebook(path, "smoke", output_dir=tmp_path / "executed", progress=False, timeout=600)
     assert result.ok, f"{path.name} failed: {result.error} (executed copy: {result.output})"
 
-    record = json.loads((tmp_path / "figures" / path.stem / "metrics.json").read_text())
+    figures = tmp_path / "figures" / "smoke" / path.stem  # smoke runs keep out of figures/<notebook>/
+    record = json.loads((figures / "metrics.json").read_text())
     assert REQUIRED_FIELDS <= set(record), f"metrics.json lacks {REQUIRED_FIELDS - set(record)}"
     assert record["profile"] == "smoke"
     # papermill silently keeps the defaults when it cannot parse the parameters cell: check the overrides arrived
@@ -74,7 +75,7 @@ def test_notebook_runs_in_smoke_profile_on_real_data(path, real_data, tmp_path, 
     assert record["synthetic_data"] is False, "the smoke run must use the real data, not the synthetic stand-in"
     assert record["figures"], "the notebook saved no figures"
     for figure in record["figures"]:
-        assert (tmp_path / "figures" / path.stem / figure).is_file()
+        assert (figures / figure).is_file()
     for name, (low, high) in EXPECTATIONS[path.stem].items():
         value = record["headline"].get(name)
         assert value is not None, f"headline {name!r} missing from {path.stem}'s metrics.json"
