@@ -1792,11 +1792,14 @@ def segmentation_throughput(trained: Any, images: Sequence[np.ndarray], min_seco
     """Megapixels per second (of the original images) of the whole pipeline as ``cellkit segment`` runs it
     (:meth:`~cellkit.models.TrainedUNet.segment_many`: diameter estimate, zoom, input stack, tiled network and
     instances, the steps around the network overlapped with it), and of the tiled network alone on inputs prepared
-    beforehand. After one warm-up image, images are cycled until each measurement has taken ``min_seconds / 2``
-    (and at least 3 images). Wall-clock on this machine: other processes on the CPU lower it."""
+    beforehand. Steady state: a first, untimed pass over ``images`` traces the network for every input shape they
+    need (a one-off cost per new shape, which a long run over many images amortises); then the images are cycled
+    until each measurement has taken ``min_seconds / 2`` (and at least 3 images). Wall-clock on this machine: other
+    processes on the CPU lower it."""
     if not len(images):
         raise ValueError("no images to time")
-    trained.segment(images[0])  # warm-up: traces the network for this tile size
+    for _ in trained.segment_many(images):  # warm-up, so that short timings do not measure tracing
+        pass
     enough = min(len(images), 3)
 
     def cycled() -> Any:
