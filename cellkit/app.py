@@ -26,7 +26,6 @@ import json
 import os
 import threading
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,33 +146,19 @@ class ModelEntry:
 def find_models(folder: str | Path) -> tuple[list[ModelEntry], list[str]]:
     """The models in ``folder`` (``*.keras`` with the metadata cellkit writes inside), sorted by name, and one
     line per file that is not one. Only the metadata is read here: no Keras, nothing loaded."""
-    from cellkit import models
+    from cellkit import classifiers, saving, unet
 
     entries, problems = [], []
     for path in sorted(Path(folder).glob("*.keras")) if Path(folder).is_dir() else []:
-        kind = model_kind(path)
+        kind = saving.model_kind(path)
         try:
-            entry = ModelEntry(path, kind, (models.read_unet_info if kind == "unet" else models.read_info)(path))
+            entry = ModelEntry(path, kind, (unet.read_unet_config if kind == "unet" else classifiers.read_info)(path))
         except (DataError, ValueError, KeyError) as error:
             problems.append(f"{path.name}: {error}")
             continue
-        side = models.sidecar_path(path)
-        entry.record = _read_json(side) or {}
+        entry.record = saving.read_record(path)
         entries.append(entry)
     return entries, problems
-
-
-def model_kind(path: Path) -> str:
-    """``unet`` or ``classifier`` from the metadata inside a ``.keras`` file; a file without readable metadata
-    counts as a classifier, whose reader then says in one line what is wrong with it."""
-    from cellkit import models
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            data = json.loads(archive.read(models.METADATA_ENTRY))
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
-        return "classifier"
-    return "unet" if isinstance(data, dict) and data.get("kind") == models.UNET_KIND else "classifier"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -189,13 +174,12 @@ _LOAD_LOCK = threading.Lock()
 
 def load_model(entry: ModelEntry) -> Any:
     """The loaded model of ``entry`` (safe mode on), kept in memory until its file changes."""
-    from cellkit import models
+    from cellkit import inference
 
     key = (str(entry.path.resolve()), entry.path.stat().st_mtime)
     with _LOAD_LOCK:
         if key not in _LOADED:
-            loader = models.load_unet if entry.kind == "unet" else models.load
-            _LOADED[key] = loader(entry.path)
+            _LOADED[key] = inference.load_model(entry.path)
         return _LOADED[key]
 
 
@@ -396,18 +380,6 @@ def segment_image(unet: Any, image: np.ndarray) -> Segmentation:
     return Segmentation(labels, plots.overlay_instances(grey, labels), areas[areas > 0], time.perf_counter() - started)
 
 
-def label_png(labels: np.ndarray) -> bytes:
-    """Instance labels as 16-bit PNG bytes (0 background, one id per nucleus), as ``cellkit segment`` writes."""
-    import cv2
-
-    if labels.size and int(labels.max()) > np.iinfo(np.uint16).max:
-        raise DataError(f"{int(labels.max())} objects do not fit a 16-bit label PNG")
-    ok, buffer = cv2.imencode(".png", labels.astype(np.uint16))
-    if not ok:
-        raise DataError("could not encode the label image")
-    return buffer.tobytes()
-
-
 # --------------------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------------------
@@ -547,6 +519,8 @@ def _status(result: Any, prompt: str, error_id: str, shown: Callable[[Any], list
 def build_server(models_dir: Path, figures_dir: Path) -> Callable[..., None]:
     """The server function: one reactive graph per browser session."""
     from shiny import reactive, render, ui
+
+    from cellkit import inference
 
     def server(input: Any, output: Any, session: Any) -> None:
         results = classifier_results(figures_dir, models_dir)
@@ -702,7 +676,7 @@ def build_server(models_dir: Path, figures_dir: Path) -> Callable[..., None]:
         def seg_labels():
             result = seg_result()
             if isinstance(result, Segmentation):
-                yield label_png(result.labels)
+                yield inference.encode_labels(result.labels)
 
     return server
 

@@ -137,23 +137,23 @@ def _check_output(out: Path, inputs: Sequence[str]) -> None:
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
-    from cellkit import config, models
+    from cellkit import classifiers, config, saving
 
-    entry = models.spec(args.model)  # a one-line error for an unknown name, before TensorFlow loads
+    entry = classifiers.spec(args.model)  # a one-line error for an unknown name, before TensorFlow loads
     size = args.size or entry.input_size
     entry.check_size(size)
     out = Path(args.out) if args.out else config.models_dir() / f"{entry.name}.keras"
     if out.suffix != ".keras":
         raise ValueError(f"{out}: the model file must end in .keras")
     _check_output(out, [args.data])
-    from cellkit import training
+    from cellkit import datasets, runtime, training
 
-    data = training.load_training_data(args.data, size, args.crop, args.seed)
+    data = datasets.load_training_data(args.data, size, args.crop, args.seed)
     print(f"data: {data.source}: {len(data.train)} train, {len(data.val)} validation, "
           f"{len(data.test) if data.test is not None else 0} test images, {len(data.train.class_names)} classes "
           f"({data.split}); inputs {size}x{size}, crop {data.crop or 'largest centred square'}", flush=True)
     if args.threads:
-        training.set_threads(args.threads)
+        runtime.set_threads(args.threads)
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                  "patience": args.patience, "augment": args.augment, "tta": args.tta,
                  "class_weight": "balanced" if args.balanced else None}
@@ -171,22 +171,22 @@ def _train_classifier(args: argparse.Namespace) -> int:
     part, report = ("test", run.test_report) if run.test_report else ("validation", run.val_report)
     print(f"{part}: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, "
           f"AUC {report.get('auc_ovr') or float('nan'):.4f} on {report['n']} images")
-    print(f"wrote {path} and {models.sidecar_path(path)}")
+    print(f"wrote {path} and {saving.sidecar_path(path)}")
     return 0
 
 
 def _evaluate_classifier(args: argparse.Namespace) -> int:
     import json
 
-    from cellkit import models
+    from cellkit import classifiers, datasets, saving
 
-    if not Path(args.model).is_file():
-        models.load(args.model)  # raises the one-line "no such model file"
-    info = models.read_info(args.model)
+    saving.check_model_file(args.model, "cellkit train classifier")
+    info = classifiers.read_info(args.model)
+    # the labels are checked before Keras loads
+    data = datasets.load_evaluation_data(args.data, info.class_names, info.input_size, info.crop, args.split)
     from cellkit import training
 
-    data = training.load_evaluation_data(args.data, info, args.split)  # checks labels before loading Keras
-    trained = models.load(args.model)
+    trained = classifiers.load(args.model)
     images = trained.prepare(data.images)
     report = training.evaluate(trained, images, data.labels, args.tta)
     report.update({"model": str(args.model), "data": str(args.data)})
@@ -206,12 +206,12 @@ def _evaluate_classifier(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from cellkit import models
+    from cellkit import classifiers, inference
 
-    files = models.image_files(args.path)
+    files = inference.image_files(args.path)
     if args.csv:
         _check_output(Path(args.csv), [args.path, args.model])
-    trained = models.load(args.model)
+    trained = classifiers.load(args.model)
     failed: list[Path] = []
 
     def warn(path: Path, message: str) -> None:
@@ -219,7 +219,7 @@ def _classify(args: argparse.Namespace) -> int:
         reason = message if message.startswith(str(path)) else f"{path}: {message}"
         print(f"warning: skipped {reason}", file=sys.stderr, flush=True)
 
-    rows = models.classify_files(trained, files, tta=args.tta, on_error=warn)
+    rows = inference.classify_files(trained, files, tta=args.tta, on_error=warn)
     width = max((len(r["file"]) for r in rows), default=4)
     if rows:
         print(f"{'file':<{width}}  {'class':<16} probability")
@@ -250,16 +250,16 @@ def _add_training_run_options(parser: argparse.ArgumentParser, seed_help: str, d
 
 
 def _add_train_classifier(train_commands: argparse._SubParsersAction) -> None:
-    from cellkit import models
+    from cellkit import classifiers
 
-    names = "|".join(models.REGISTRY)
+    names = "|".join(classifiers.REGISTRY)
     parser = _add_command(
         train_commands, "classifier", _train_classifier,
         "train an image classifier (early stopping on the validation split); writes NAME.keras and NAME.json",
         "cellkit train classifier --model lenet --data pbc28 --epochs 10 --out models/lenet.keras",
     )
-    parser.add_argument("--model", default=models.DEFAULT_MODEL, metavar="NAME",
-                        help=f"architecture: {names} (default: {models.DEFAULT_MODEL}, the best recipe here)")
+    parser.add_argument("--model", default=classifiers.DEFAULT_MODEL, metavar="NAME",
+                        help=f"architecture: {names} (default: {classifiers.DEFAULT_MODEL}, the best recipe here)")
     parser.add_argument("--data", default="pbc28", metavar="PATH",
                         help="pbc28, pbc_jpg, an .npz (MedMNIST-style or images/labels) or a folder of class "
                              "subfolders; data without splits are split 70/10/20 (default: pbc28)")
@@ -319,21 +319,21 @@ def _train_unet(args: argparse.Namespace) -> int:
     if out.suffix != ".keras":
         raise ValueError(f"{out}: the model file must end in .keras")
     _check_output(out, [args.data])
-    from cellkit import training
+    from cellkit import datasets, runtime, unet
 
     overrides = {"n_classes": {2: 1, 3: 3}[args.classes], "epochs": args.epochs, "base_filters": args.base_filters,
                  "learning_rate": args.learning_rate, "batch_size": args.batch_size, "crop": args.crop,
                  "steps_per_epoch": args.steps_per_epoch}
-    unet_config = training.UNetConfig(**{**training.UNET_PROFILES[args.profile],
-                                         **{k: v for k, v in overrides.items() if v is not None}})
-    data = training.load_segmentation_data(args.data, args.seed)
+    unet_config = unet.UNetConfig(**{**unet.UNET_PROFILES[args.profile],
+                                     **{k: v for k, v in overrides.items() if v is not None}})
+    data = datasets.load_segmentation_data(args.data, args.seed)
     print(f"data: {data.source}: {len(data.train)} train, {len(data.val)} validation, {len(data.test)} test images "
           f"({data.split})", flush=True)
     if args.threads:
-        training.set_threads(args.threads)
+        runtime.set_threads(args.threads)
     print(f"training a U-Net ({args.classes} classes, profile {args.profile}): {unet_config}", flush=True)
-    run = training.train_unet(data.train, data.val, data.test, config=unet_config, precision=args.precision,
-                              seed=args.seed, progress=_progress_mode(args))
+    run = unet.train_unet(data.train, data.val, data.test, config=unet_config, precision=args.precision,
+                          seed=args.seed, progress=_progress_mode(args))
     run.data["split"] = data.split
     path = run.save(out)
     s = run.summary()
@@ -350,14 +350,14 @@ def _train_unet(args: argparse.Namespace) -> int:
 def _evaluate_segmentation(args: argparse.Namespace) -> int:
     import json
 
-    from cellkit import models
+    from cellkit import metrics
 
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
     if args.json:
         _check_output(Path(args.json), [args.pred, args.gt])
-    report = models.evaluate_label_folders(args.pred, args.gt, on_warning=warn)
+    report = metrics.evaluate_label_folders(args.pred, args.gt, on_warning=warn)
     report.update({"pred": str(args.pred), "gt": str(args.gt)})
     print(f"{report['n_images']} images, {report['n_gt']} reference and {report['n_pred']} predicted objects")
     print(f"IoU 0.5: precision {report['precision']:.4f}, recall {report['recall']:.4f}, F1 {report['f1']:.4f}, "
@@ -374,16 +374,16 @@ def _evaluate_segmentation(args: argparse.Namespace) -> int:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from cellkit import models
+    from cellkit import inference, unet
 
     source = Path(args.input)
-    files = models.image_files(source)
+    files = inference.image_files(source)
     out = Path(args.out)
     folder = source if source.is_dir() else source.parent
     if out.resolve() == folder.resolve() or (source.is_dir() and folder.resolve() in out.resolve().parents):
         raise ValueError(f"{out}: refusing to write into the input folder {folder}; choose another --out")
     _check_output(out, [args.input, args.model])
-    trained = models.load_unet(args.model, precision=args.precision)
+    trained = unet.load_unet(args.model, precision=args.precision)
     trained.flips = args.flips
     tile = "auto" if args.tile is None else (None if args.tile == 0 else args.tile)
     failed: list[Path] = []
@@ -394,8 +394,8 @@ def _segment(args: argparse.Namespace) -> int:
         print(f"warning: skipped {reason}", file=sys.stderr, flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
-    rows = models.segment_files(trained, files, out, root=source if source.is_dir() else None, overlay=args.overlay,
-                                tile=tile, progress=not args.quiet, on_error=warn)
+    rows = inference.segment_files(trained, files, out, root=source if source.is_dir() else None,
+                                   overlay=args.overlay, tile=tile, progress=not args.quiet, on_error=warn)
     import pandas as pd
 
     table = pd.DataFrame(rows, columns=["file", "n_nuclei", "mean_area_px", "height", "width", "labels"])

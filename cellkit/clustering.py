@@ -50,6 +50,7 @@ from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
+from cellkit import classifiers, runtime
 from cellkit.datasets import DataError
 
 #: Clustering methods of :func:`cluster`.
@@ -79,27 +80,22 @@ def penultimate_embeddings(trained: Any, images: np.ndarray, batch_size: int = 2
 
     Parameters
     ----------
-    trained : a :class:`cellkit.models.TrainedModel` (a Keras model and its metadata).
+    trained : a :class:`cellkit.classifiers.TrainedModel` (a Keras model and its metadata).
     images : uint8 images (n, h, w, 3) of any size; they are brought to the model's input the way its training
-        images were made (:meth:`~cellkit.models.TrainedModel.prepare`) and scaled with its preprocessing.
+        images were made (:meth:`~cellkit.classifiers.TrainedModel.prepare`) and scaled with its preprocessing.
 
     Returns
     -------
     float32 array (n, d): d is the width of that layer (128 for ``cellnet``'s global average pooling, 84 for
     the LeNets' last dense layer). Dropout is inactive at inference, so the values are deterministic.
     """
-    from cellkit import models  # lazy: Keras loads only when embeddings are wanted
-
-    keras = models.keras_module()
     model = trained.model
     if len(model.layers) < 2:
         raise DataError(f"model {model.name!r} has no hidden layer to take embeddings from")
-    head = keras.Model(model.input, model.layers[-2].output)
-    x = models.preprocess(trained.prepare(images), trained.info.preprocessing)
-    if not len(x):
-        return np.zeros((0, int(head.output.shape[-1])), np.float32)
-    parts = [np.asarray(head(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
-    return np.concatenate(parts).reshape(len(x), -1).astype(np.float32)
+    head = runtime.keras_module().Model(model.input, model.layers[-2].output)
+    x = trained.prepare(images)
+    embeddings = classifiers.outputs_of(head, x, trained.info.preprocessing, batch_size)
+    return embeddings.reshape(len(embeddings), int(np.prod(embeddings.shape[1:])))
 
 
 def standardise(X: np.ndarray | pd.DataFrame) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Project paths, environment overrides and seeding.
+"""Project paths, environment overrides, seeding, and JSON encoding of numpy values.
 
 Every path the package uses comes from here, never from the working directory, so that a notebook,
 the command line and the tests find the same files wherever they are started from.
@@ -21,10 +21,12 @@ Environment variables
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -100,3 +102,19 @@ def seed_everything(seed: int = DEFAULT_SEED) -> np.random.Generator:
     if "keras" in sys.modules:
         sys.modules["keras"].utils.set_random_seed(seed)
     return np.random.default_rng(seed)
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps(..., default=json_default)``: numpy scalars and arrays, and paths, as plain JSON values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def to_json(value: Any) -> str:
+    """``value`` as indented JSON text ending in a newline, numpy values and paths included (:func:`json_default`)."""
+    return json.dumps(value, indent=2, default=json_default) + "\n"

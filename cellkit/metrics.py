@@ -13,6 +13,9 @@ ratios are taken, so that large images with many objects weigh more than near-em
 :func:`match_instances`         one-to-one matching at an IoU threshold: F1, AP (DSB/StarDist), PQ
 :func:`count_errors`            predicted vs true counts per image: mean absolute and relative error
 :func:`label_agreement`         one row comparing label sets: pixel Dice, F1 at IoU 0.5, count errors
+:func:`segmentation_scores`     every score above for a set of label images, JSON-ready, per image too
+:func:`scores_by_group`         the headline scores within each group of images (e.g. size groups)
+:func:`evaluate_label_folders`  folders of label images matched by file stem (``cellkit evaluate segmentation``)
 ==============================  ===================================================================
 
 Conventions shared by every segmentation function:
@@ -29,12 +32,17 @@ Conventions shared by every segmentation function:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from sklearn import metrics as skm
+
+from cellkit.datasets import DataError, read_image
+from cellkit.datasets.loaders import IMAGE_SUFFIXES
 
 #: IoU thresholds of :func:`match_dataset`: 0.5, 0.55, ..., 0.9.
 IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))
@@ -90,6 +98,13 @@ def classification_report(
     if y_score is not None:
         report.update(_auc_ovr(yt, y_score, names, report["per_class"]))
     return report
+
+
+def proba_report(y_true: Sequence, proba: np.ndarray, class_names: Sequence[str]) -> dict:
+    """:func:`classification_report` of class probabilities ``proba`` (n, k): the most probable class is the
+    prediction, and the probabilities give the ROC AUC."""
+    proba = np.asarray(proba)
+    return classification_report(np.asarray(y_true), proba.argmax(axis=1), class_names, proba)
 
 
 def per_class_table(report: dict) -> pd.DataFrame:
@@ -586,3 +601,109 @@ def label_agreement(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], thre
         "count_mae": counts["mae"], "count_relative_error": counts["relative_error"], "count_bias": counts["bias"],
         "n_images": len(preds), "n_pred": matched["n_pred"], "n_gt": matched["n_gt"],
     }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sets of label images and label folders (what ``cellkit evaluate segmentation`` scores)
+# --------------------------------------------------------------------------------------------------------
+
+
+def read_label_folder(path: str | Path, what: str = "labels") -> dict[str, np.ndarray]:
+    """Instance label images of folder ``path`` by file stem (``labels/`` or ``masks/`` inside it is used when
+    present, e.g. a dataset folder). Each must be a single-channel integer image (0 background, one id per
+    object) in a lossless format; a one-line DataError names the first file that is not."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder of {what}")
+    folder = next((folder / n for n in ("labels", "masks") if (folder / n).is_dir()), folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.stem.endswith("_overlay"))
+    if not files:
+        raise DataError(f"{folder}: no label images found ({', '.join(IMAGE_SUFFIXES)})")
+    out = {}
+    for file in files:
+        if file.suffix.lower() in (".jpg", ".jpeg"):
+            raise DataError(f"{file}: label images must be lossless (PNG or TIFF); JPEG compression changes ids")
+        label = read_image(file)
+        if label.ndim != 2:
+            raise DataError(f"{file}: not an instance mask: it has {label.shape[-1]} channels, expected one "
+                            "channel of integer ids")
+        if not np.issubdtype(label.dtype, np.integer):
+            raise DataError(f"{file}: not an instance mask: pixel type {label.dtype}, expected integer ids")
+        if label.size and label.min() < 0:
+            raise DataError(f"{file}: not an instance mask: negative ids")
+        values = np.unique(label)
+        if label.dtype == np.uint8 and set(values.tolist()) == {0, 255} and ndimage.label(label > 0)[1] > 1:
+            raise DataError(f"{file}: a binary mask (0 and 255), not an instance mask; give each object its own id")
+        if file.stem in out:
+            raise DataError(f"{folder}: two label files with the stem {file.stem!r}")
+        out[file.stem] = label
+    return out
+
+
+def evaluate_label_folders(pred_dir: str | Path, gt_dir: str | Path,
+                           on_warning: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Score predicted instance images against reference ones, matched by file stem.
+
+    Returns (JSON-ready) ``n_images``, ``precision``, ``recall``, ``f1``, ``ap``, ``pq``, ``mean_iou`` at IoU 0.5
+    (:func:`match_dataset`), ``seg`` (:func:`seg_dataset`), ``iou_sweep`` (the
+    same scores at IoU 0.5 ... 0.9), ``pixel`` and ``object`` (report 003's pixel- and object-level scores) and
+    ``per_image``. Stems present on one side only are left out and reported through ``on_warning``; none in
+    common, or a size mismatch, is a one-line DataError.
+    """
+    preds, gts = read_label_folder(pred_dir, "predicted labels"), read_label_folder(gt_dir, "reference labels")
+    common = sorted(set(preds) & set(gts))
+    if not common:
+        raise DataError(f"no file stem is both in {pred_dir} and in {gt_dir}; name predictions like the reference "
+                        f"files (e.g. {next(iter(gts))}.png)")
+    for side, names, other in (("prediction", preds, gts), ("reference", gts, preds)):
+        lonely = sorted(set(names) - set(other))
+        if lonely and on_warning is not None:
+            on_warning(f"{len(lonely)} {side} file(s) without a counterpart left out, e.g. {lonely[0]!r}")
+    for stem in common:
+        if preds[stem].shape != gts[stem].shape:
+            raise DataError(f"{stem}: the prediction is {preds[stem].shape} but the reference is "
+                            f"{gts[stem].shape}; they must have the same size")
+    p, g = [preds[s] for s in common], [gts[s] for s in common]
+    return segmentation_scores(p, g, ids=common)
+
+
+def segmentation_scores(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray],
+                        ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """Every segmentation score of label images ``preds`` against ``gts`` (pooled over images), JSON-ready:
+    the matching scores at IoU 0.5 at the top level, ``seg``, ``iou_sweep``, ``pixel``, ``object`` and
+    ``per_image`` (id, n_gt, n_pred, f1 and seg of each image)."""
+    matched = match_dataset(preds, gts)
+    seg = seg_dataset(preds, gts)
+    at50 = matched["by_threshold"][0.5]
+    ids = list(ids) if ids is not None else [str(i) for i in range(len(preds))]
+    per_image = []
+    for name, pred, gt, image_seg in zip(ids, preds, gts, seg["per_image"], strict=True):
+        one = match_instances(pred, gt, 0.5)
+        per_image.append({"id": name, "n_gt": one["n_gt"], "n_pred": one["n_pred"], "f1": one["f1"],
+                          "ap": one["ap"], "seg": image_seg})
+    return {
+        "n_images": len(preds),
+        **{k: at50[k] for k in ("precision", "recall", "f1", "ap", "pq", "mean_iou", "tp", "fp", "fn", "n_gt",
+                                "n_pred")},
+        "seg": seg["seg"],
+        "n_reference": seg["n_reference"],
+        "iou_sweep": [{k: row[k] for k in ("thresh", "precision", "recall", "f1", "ap", "pq")}
+                      for row in matched["table"]],
+        "pixel": {k: v for k, v in pixel_metrics_dataset(preds, gts).items()},
+        "object": {k: v for k, v in object_metrics_dataset(preds, gts).items()},
+        "per_image": per_image,
+    }
+
+
+def scores_by_group(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], groups: Sequence[str]) -> list[dict]:
+    """F1, AP and PQ at IoU 0.5 and SEG pooled within each group of images (e.g. DSB size groups), one row per
+    group in order of first appearance, plus one ``all`` row."""
+    rows = []
+    groups = list(groups)
+    for group in [*dict.fromkeys(groups), "all"]:
+        index = [i for i, g in enumerate(groups) if group in ("all", g)]
+        s = segmentation_scores([preds[i] for i in index], [gts[i] for i in index])
+        rows.append({"group": group, "images": len(index), "nuclei": s["n_gt"], "f1": s["f1"], "ap": s["ap"],
+                     "pq": s["pq"], "seg": s["seg"], "precision": s["precision"], "recall": s["recall"]})
+    return rows

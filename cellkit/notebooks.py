@@ -26,7 +26,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from cellkit import config, plots
@@ -192,7 +191,7 @@ class NotebookRun:
             "git_commit": git_commit(),
         }
         path = self.figures_dir / "metrics.json"
-        path.write_text(json.dumps(record, indent=2, default=json_default) + "\n")
+        path.write_text(config.to_json(record))
         return path
 
 
@@ -214,17 +213,6 @@ def _announce_synthetic(name: str, reason: str) -> None:
     )
     print(message, file=sys.stderr)
     warnings.warn(f"synthetic stand-in data used for {name!r}", stacklevel=3)
-
-
-def json_default(value: Any) -> Any:
-    """``json.dumps(..., default=json_default)``: numpy scalars and arrays, and paths, as plain JSON values."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def peak_memory_mb() -> float:

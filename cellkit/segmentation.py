@@ -8,6 +8,7 @@ No Keras here: a model enters only as a ``predict`` callable, ``(B, h, w, C) flo
 ==========================================  ==============================================================
 :func:`percentile_normalise`                per-image robust scaling to [0, 1]
 :func:`input_stack`                         network input: original / inverse / Canny channels (report 002)
+:func:`stack_channels`                      the same channels of an image already normalised (training crops)
 :func:`local_contrast`                      an optional channel: each pixel against its surroundings
 :func:`pad_to_multiple`, :func:`crop_to`    U-Net sizes (a multiple of 16 for 4 poolings) and back
 :func:`binary_target`                       2-class target: 0 background, 1 nucleus
@@ -19,7 +20,6 @@ No Keras here: a model enters only as a ``predict`` callable, ``(B, h, w, C) flo
 :func:`instances_from_three_class`          3-class output -> seeds (cell - edge) -> watershed
 :func:`watershed_split`                     distance-transform watershed for touching nuclei
 :func:`probs_to_instances`                  either of the above, chosen by the number of output classes
-:func:`predict_instances`                   image -> input stack -> tiled prediction -> instances
 :func:`otsu_watershed`                      the classical baseline, no network
 :func:`estimate_diameter`, :func:`zoom`     nucleus size without a network; rescale images to one nucleus size
 :func:`remove_small`, :func:`relabel_sequential`, :func:`holes_filled`
@@ -70,6 +70,7 @@ __all__ = [
     "LOCAL_SIGMA",
     "COUNT_METHODS",
     "MAX_UNTILED_PIXELS",
+    "NORMALISE_PERCENTILES",
     "SCALE_LIMITS",
     "THREE_CLASSES",
     "CellCrops",
@@ -93,7 +94,6 @@ __all__ = [
     "otsu_watershed",
     "pad_to_multiple",
     "percentile_normalise",
-    "predict_instances",
     "predict_tiled",
     "probs_to_instances",
     "random_crops",
@@ -102,6 +102,7 @@ __all__ = [
     "resize_to",
     "scale_factor",
     "single_cell_crops",
+    "stack_channels",
     "typical_nucleus_area",
     "watershed_split",
     "zoom",
@@ -115,6 +116,9 @@ INPUT_CHANNELS = (*CHANNELS, "local")
 LOCAL_SIGMA = 16.0
 #: Classes of the 3-class target and output (report 002), index = class id.
 THREE_CLASSES = ("background", "cell", "edge")
+#: Percentiles (low, high) of the per-image normalisation of network inputs (CSBDeep's recipe):
+#: :func:`percentile_normalise` maps the low one to 0 and the high one to 1.
+NORMALISE_PERCENTILES = (1.0, 99.8)
 #: Largest image (pixels) :func:`predict_tiled` sends to ``predict`` in one piece when ``tile`` is None. A U-Net
 #: with 64 base filters holds about 2 KB of float32 activations per pixel (1-2 GB per megapixel) on a CPU.
 MAX_UNTILED_PIXELS = 4_000_000
@@ -125,7 +129,8 @@ Predict = Callable[[np.ndarray], np.ndarray]
 # --- normalisation and sizes ---------------------------------------------------------------------------------
 
 
-def percentile_normalise(image: np.ndarray, low: float = 1.0, high: float = 99.8, clip: bool = True) -> np.ndarray:
+def percentile_normalise(image: np.ndarray, low: float = NORMALISE_PERCENTILES[0],
+                         high: float = NORMALISE_PERCENTILES[1], clip: bool = True) -> np.ndarray:
     """Per-image robust scaling: the ``low``-th percentile maps to 0 and the ``high``-th to 1 (CSBDeep's recipe).
 
     ``image``: any shape and numeric dtype; percentiles are taken over all its values (all channels together).
@@ -200,13 +205,15 @@ def local_contrast(image: np.ndarray, sigma: float = LOCAL_SIGMA, floor: float =
 def input_stack(
     image: np.ndarray,
     channels: Sequence[str] = ("original",),
-    low: float = 1.0,
-    high: float = 99.8,
-    canny_thresholds: tuple[float, float] = (10.0, 200.0),
+    normalise: tuple[float, float] = NORMALISE_PERCENTILES,
+    canny_thresholds: tuple[float, float] = transforms.CANNY_THRESHOLDS,
 ) -> np.ndarray:
     """The network input of report 002: (H, W, C) ``float32`` with one channel per name in ``channels``.
 
-    - ``original``: :func:`percentile_normalise` (``low``, ``high``) of the grey image, [0, 1];
+    The grey image (``image`` (H, W) or (H, W, C), averaged to grey, any numeric dtype) is scaled by
+    :func:`percentile_normalise` with the percentiles ``normalise``, then :func:`stack_channels` makes the channels:
+
+    - ``original``: the normalised image, [0, 1];
     - ``inverse``: 1 - original (report 002's inverse image), [0, 1];
     - ``canny``: Canny edges (0 or 1) of the normalised image quantised to 8 bits, with hysteresis thresholds
       ``canny_thresholds`` on the 0..255 scale (OpenCV, 3 x 3 Sobel, L1 gradient). Report 002 gives no values;
@@ -214,21 +221,50 @@ def input_stack(
       within 2 px of a true nucleus edge and 87 % of true edge pixels within 2 px of a Canny edge;
     - ``local``: :func:`local_contrast` of the original channel, [0, 1].
 
-    ``image``: (H, W) or (H, W, C) (averaged to grey), any numeric dtype. ``("original",)`` is the plain
-    1-channel input; ``CHANNELS`` is report 002's enhanced input.
+    ``("original",)`` is the plain 1-channel input; :data:`CHANNELS` is report 002's enhanced input.
     """
-    unknown = [c for c in channels if c not in INPUT_CHANNELS]
-    if unknown or not channels:
-        raise ValueError(f"channels must be a non-empty selection of {INPUT_CHANNELS}, got {tuple(channels)}")
-    original = percentile_normalise(_grey(image), low, high)
-    made = {"original": original}
-    if "inverse" in channels:
-        made["inverse"] = np.float32(1) - original
+    _check_channels(channels)
+    original = percentile_normalise(_grey(image), *normalise)
+    local = local_contrast(original) if "local" in channels else None
+    return stack_channels(original, channels, canny_thresholds, local=local)
+
+
+def stack_channels(
+    normalised: np.ndarray,
+    channels: Sequence[str],
+    canny_thresholds: tuple[float, float] = transforms.CANNY_THRESHOLDS,
+    noise: np.ndarray | None = None,
+    local: np.ndarray | None = None,
+) -> np.ndarray:
+    """The :func:`input_stack` channels of a grey image already normalised to [0, 1] (H, W), e.g. a training crop of
+    a whole-image normalisation, so that crops keep the scaling of the image they come from.
+
+    ``noise`` (H, W; training augmentation) is added to the original channel after the Canny edges are taken, so
+    the inverse gets it too and the Canny channel does not (report 002). ``local``: the image's
+    :func:`local_contrast` (for a crop, the same crop of the whole image's: a crop's own would differ within about
+    2 sigma of its border); needed when ``channels`` has ``local``. Returns (H, W, C) float32.
+    """
+    _check_channels(channels)
+    original = np.asarray(normalised, dtype=np.float32)
+    made: dict[str, np.ndarray] = {}
     if "canny" in channels:
         made["canny"] = transforms.canny(transforms.as_uint8(original), *canny_thresholds) > 0
     if "local" in channels:
-        made["local"] = local_contrast(original)
+        if local is None:
+            raise ValueError("the local channel must be cut from the whole image's local contrast; pass local=")
+        made["local"] = np.asarray(local, dtype=np.float32)
+    if noise is not None:
+        original = np.clip(original + noise, 0.0, 1.0)
+    made["original"] = original
+    if "inverse" in channels:
+        made["inverse"] = np.float32(1) - original
     return np.stack([made[c] for c in channels], axis=-1).astype(np.float32, copy=False)
+
+
+def _check_channels(channels: Sequence[str]) -> None:
+    unknown = [c for c in channels if c not in INPUT_CHANNELS]
+    if unknown or not channels:
+        raise ValueError(f"channels must be a non-empty selection of {INPUT_CHANNELS}, got {tuple(channels)}")
 
 
 # --- training targets ----------------------------------------------------------------------------------------
@@ -715,25 +751,6 @@ def _predict_batch(predict: Predict, batch: np.ndarray) -> np.ndarray:
             f"predict returned shape {pred.shape} for input {batch.shape}; it must keep (B, h, w) (same padding)"
         )
     return pred
-
-
-def predict_instances(
-    image: np.ndarray,
-    predict: Predict,
-    channels: Sequence[str] = ("original",),
-    tile: int | None = 256,
-    overlap: int = 32,
-    batch_size: int = 4,
-    **postprocess,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One image to instances with a trained network: :func:`input_stack` (``channels``, as in training) ->
-    :func:`predict_tiled` -> :func:`probs_to_instances` (``postprocess`` keyword arguments).
-
-    ``image``: (H, W) grey or (H, W, C), any size. Returns (labels ``int32`` (H, W), probabilities ``float32``
-    (H, W, K)).
-    """
-    probs = predict_tiled(input_stack(image, channels), predict, tile=tile, overlap=overlap, batch_size=batch_size)
-    return probs_to_instances(probs, **postprocess), probs
 
 
 # --- the classical baseline ----------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Image transformations of the source reports, as pure functions on numpy arrays.
 
-Normalisation (reports 000, 001), contrast (003, 004), thresholds and morphology (003, 004), filters and the
-"input enhancement" stack (000, 002), and augmentation (000, 002, 003, 004), with the reports' parameters as
-defaults. Nothing here imports Keras or TensorFlow: a U-Net or a ``tf.data`` pipeline calls these functions on
-numpy arrays (e.g. through ``tf.numpy_function``).
+Normalisation (reports 000, 001), contrast (003, 004), thresholds and morphology (003, 004), filters (000, 002),
+and augmentation (000, 002, 003, 004; one module: :class:`Augmentation` recipes for images with their masks, and
+:func:`augment_batch` for training batches), with the reports' parameters as defaults. The U-Net's input stack
+(report 002: original, inverse, Canny) is :func:`cellkit.segmentation.input_stack`. Nothing here imports Keras or
+TensorFlow: a U-Net or a ``tf.data`` pipeline calls these functions on numpy arrays.
 
 Conventions
 -----------
@@ -21,8 +22,9 @@ Conventions
 - Intensity thresholds (Canny's 10 and 200, Otsu's bounds) are on the 0..255 scale, as the reports state them.
 
 >>> rng = np.random.default_rng(0)
->>> stack = input_enhancement(image)                              # (H, W, 3) float32: original, inverse, Canny
->>> image2, mask2 = augment_pair(stack, labels, rng, RECIPES["report002"])
+>>> edges = canny(image)                                          # report 000's thresholds, 10 and 200
+>>> image2, mask2 = augment_pair(image, labels, rng, RECIPES["report002"])
+>>> batch = augment_batch(images, rng, "dihedral_shift")          # a classifier's training batch
 >>> table = timing_table(catalogue(), {"28x28": small, "256x256": large})   # ms per image
 """
 
@@ -36,7 +38,11 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from cellkit.features import cell_masks
+
 __all__ = [
+    "AUGMENTATIONS",
+    "CANNY_THRESHOLDS",
     "RECIPES",
     "Augmentation",
     "adaptive_equalize",
@@ -47,6 +53,7 @@ __all__ = [
     "augment",
     "augment_batch",
     "augment_pair",
+    "dihedral_view",
     "boundary_mask",
     "canny",
     "catalogue",
@@ -60,7 +67,6 @@ __all__ = [
     "flip",
     "foreground_iou",
     "gaussian_blur",
-    "input_enhancement",
     "invert",
     "local_otsu_mask",
     "local_otsu_threshold",
@@ -69,6 +75,7 @@ __all__ = [
     "random_crop",
     "rotate",
     "scale_01",
+    "scale_caffe",
     "scale_pm1",
     "scale_raw",
     "sobel",
@@ -188,6 +195,17 @@ def scale_raw(images: np.ndarray) -> np.ndarray:
     """No normalisation: pixel values as ``float32`` on their own scale (0..255 for uint8); report 000's
     "raw" input, the baseline its normalisation is measured against."""
     return np.asarray(images, dtype=np.float32)
+
+
+#: The ImageNet channel means (BGR) that VGG16's weights expect subtracted.
+IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)
+
+
+def scale_caffe(images: np.ndarray) -> np.ndarray:
+    """uint8 RGB (n, h, w, 3) -> float32 BGR minus the ImageNet channel means: what VGG16's weights expect (Keras'
+    ``caffe`` mode)."""
+    x = np.asarray(images, dtype=np.float32)[..., ::-1]
+    return x - np.array(IMAGENET_BGR_MEANS, dtype=np.float32)
 
 
 # --- contrast (reports 003, 004) --------------------------------------------------------------------------------
@@ -390,14 +408,12 @@ def cell_mask_input(images: np.ndarray, fill: int = 0) -> np.ndarray:
     """Report 000's cell-mask input for blood-smear crops: each RGB uint8 image (n, h, w, 3) with the pixels
     outside its central stained cell (:func:`cellkit.features.cell_masks`) set to ``fill``, so that a model
     sees the cell's colour and texture but not the red cells and background around it. Same shape and dtype."""
-    from cellkit.features import cell_masks
-
     images = np.asarray(images)
     cell, _ = cell_masks(images)
     return np.where(cell[..., None], images, np.asarray(fill, images.dtype))
 
 
-# --- filters and input enhancement (reports 000, 002) --------------------------------------------------------------
+# --- filters (reports 000, 002) --------------------------------------------------------------
 
 
 def gaussian_blur(image: np.ndarray, ksize: int = 25, sigma: float = 0.0) -> np.ndarray:
@@ -429,7 +445,11 @@ def sobel(image: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(out, 0, 255)).astype(np.uint8) if image.dtype == np.uint8 else out
 
 
-def canny(image: np.ndarray, low: float = 10, high: float = 200) -> np.ndarray:
+#: Report 000's Canny hysteresis thresholds on the 0..255 scale; report 002 gives none and the U-Net input uses these.
+CANNY_THRESHOLDS = (10.0, 200.0)
+
+
+def canny(image: np.ndarray, low: float = CANNY_THRESHOLDS[0], high: float = CANNY_THRESHOLDS[1]) -> np.ndarray:
     """Canny edges (reports 000, 002) with hysteresis thresholds ``low`` and ``high`` on the 0..255 scale.
 
     Colour images are averaged to grey first. Returns (H, W): uint8 0/255 for uint8 input, float32 0/1 otherwise.
@@ -445,15 +465,6 @@ def invert(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint8:
         return np.uint8(255) - image
     return np.float32(1) - as_float(image)
-
-
-def input_enhancement(image: np.ndarray, low: float = 10, high: float = 200) -> np.ndarray:
-    """Report 002's three-channel input: original, inverse and Canny edges, as ``float32`` (H, W, 3) on [0, 1].
-
-    Colour images are averaged to grey first. Canny thresholds on the 0..255 scale (report 000's 10 and 200).
-    """
-    grey = as_float(_grey(image))
-    return np.stack([grey, 1 - grey, canny(grey, low, high)], axis=-1)
 
 
 def _per_channel_cv(fn: Callable[[np.ndarray], np.ndarray], image: np.ndarray) -> np.ndarray:
@@ -724,23 +735,90 @@ def augment_pair(
     return _noise(warped, rng, augmentation), warped_mask
 
 
+#: Named augmentations of classifier training batches (:func:`augment_batch`): ``none``; ``flips``; ``dihedral``
+#: (the 8 symmetries of the square: a cell on a slide has no "up"); ``dihedral_shift`` (dihedral, then a shift by
+#: up to ``max_shift`` px, borders reflected); ``flip_rotate50`` (report 000: :data:`RECIPES` ``report000``).
+AUGMENTATIONS = ("none", "flips", "dihedral", "dihedral_shift", "flip_rotate50")
+
+
 def augment_batch(
     images: np.ndarray | Sequence[np.ndarray],
     rng: np.random.Generator,
-    augmentation: Augmentation = RECIPES["report003"],
+    augmentation: Augmentation | str = RECIPES["report003"],
     masks: np.ndarray | Sequence[np.ndarray] | None = None,
+    max_shift: int = 2,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Augment every image of a batch (N, H, W[, C]) independently, in order, with one generator.
+    """A randomly augmented copy of a batch (N, H, W[, C]): each image independently, in order, with one generator.
 
-    With ``masks`` (N, H, W) returns (images, masks) transformed pairwise by :func:`augment_pair`; otherwise the
-    images. Outputs are stacked arrays (all the same size: the crop, or the input size).
+    ``augmentation`` is an :class:`Augmentation` recipe (e.g. ``RECIPES["report002"]``; bilinear, applied by
+    :func:`augment` or, with ``masks`` (N, H, W), pairwise by :func:`augment_pair`, returning (images, masks)), or
+    one of the named batch augmentations :data:`AUGMENTATIONS`. ``flips``, ``dihedral`` and ``dihedral_shift`` are
+    exact (no interpolation, any dtype kept); the 90-degree rotations need square images. Draws from ``rng`` only.
+    Outputs are stacked arrays (all the same size: the crop, or the input size).
     """
+    if isinstance(augmentation, str):
+        if augmentation not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {augmentation!r}; use {', '.join(AUGMENTATIONS)}")
+        if masks is not None:
+            raise ValueError(f"augmentation {augmentation!r} takes images only, not masks; give a recipe")
+        if augmentation == "flip_rotate50" and len(images):
+            augmentation = RECIPES["report000"]
+        else:
+            return _symmetries(np.asarray(images), rng, augmentation, max_shift)
     if masks is None:
         return np.stack([augment(image, rng, augmentation) for image in images])
     if len(images) != len(masks):
         raise ValueError(f"{len(images)} images but {len(masks)} masks")
     pairs = [augment_pair(image, mask, rng, augmentation) for image, mask in zip(images, masks, strict=True)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def dihedral_view(images: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """Images (n, h, w[, c]) rotated by ``k`` quarter turns and, if ``flip``, mirrored left-right (one of the 8
+    symmetries of the square; used for augmentation and test-time augmentation)."""
+    out = np.rot90(images, k, axes=(1, 2)) if k % 4 else images
+    return np.ascontiguousarray(out[:, :, ::-1] if flip else out)
+
+
+def _symmetries(images: np.ndarray, rng: np.random.Generator, mode: str, max_shift: int) -> np.ndarray:
+    """The exact batch augmentations ``none``, ``flips``, ``dihedral`` and ``dihedral_shift`` of :func:`augment_batch`
+    (and any of them on an empty batch)."""
+    if mode == "none" or not len(images):
+        return images.copy()
+    n = len(images)
+    out = np.empty_like(images)
+    if mode == "flips":
+        choice = rng.integers(0, 4, n)  # bit 0: left-right, bit 1: top-bottom
+        for c in range(4):
+            index = np.flatnonzero(choice == c)
+            part = images[index]
+            if c & 1:
+                part = part[:, :, ::-1]
+            if c & 2:
+                part = part[:, ::-1]
+            out[index] = part
+        return out
+    if images.shape[1] != images.shape[2]:
+        raise ValueError(f"rotations by 90 degrees need square images, got {images.shape[1]}x{images.shape[2]}")
+    choice = rng.integers(0, 8, n)
+    for c in range(8):
+        index = np.flatnonzero(choice == c)
+        out[index] = dihedral_view(images[index], c // 2, bool(c % 2))
+    if mode == "dihedral_shift" and max_shift > 0:
+        out = _shift(out, rng.integers(-max_shift, max_shift + 1, (n, 2)), max_shift)
+    return out
+
+
+def _shift(images: np.ndarray, shifts: np.ndarray, pad: int) -> np.ndarray:
+    """Each image moved by (dy, dx) pixels, borders reflected (a crop of the reflect-padded image)."""
+    widths = [(0, 0), (pad, pad), (pad, pad)] + [(0, 0)] * (images.ndim - 3)
+    padded = np.pad(images, widths, mode="reflect")
+    h, w = images.shape[1:3]
+    out = np.empty_like(images)
+    for (dy, dx) in np.unique(shifts, axis=0):
+        index = np.flatnonzero((shifts[:, 0] == dy) & (shifts[:, 1] == dx))
+        out[index] = padded[index, pad - dy : pad - dy + h, pad - dx : pad - dx + w]
+    return out
 
 
 def foreground_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -833,7 +911,6 @@ def catalogue(rng: np.random.Generator | None = None) -> dict[str, Callable[[np.
         "canny_10_200": canny,
         "sobel": sobel,
         "invert": invert,
-        "input_enhancement": input_enhancement,
         "flip": lambda x: flip(x, *(rng.random(2) < 0.5)),
         "rotate_50": lambda x: rotate(x, rng.uniform(-50, 50)),
         "stretch_crop": lambda x: stretch_crop(x, rng, size=(x.shape[0] // 2, x.shape[1] // 2)),

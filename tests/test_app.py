@@ -182,7 +182,7 @@ class _Inputs(dict):
 
 
 def test_unsupported_images_and_missing_models_become_messages(tmp_path):
-    from cellkit import models
+    from cellkit import classifiers
 
     stack = np.zeros((5, 32, 32), np.uint8)  # a 5-channel image no classifier takes
     buffer = io.BytesIO()
@@ -191,7 +191,7 @@ def test_unsupported_images_and_missing_models_become_messages(tmp_path):
     assert image.shape == (32, 32, 5)
 
     def prepare(model, picture):
-        return models.prepare_images([picture], 28, None)
+        return classifiers.prepare_images([picture], 28, None)
 
     entry = cellkit_app.ModelEntry(tmp_path / "m.keras", "classifier", None)
     with pytest.MonkeyPatch.context() as patch:
@@ -219,21 +219,21 @@ def test_cli_app_refuses_a_missing_models_folder(tmp_path, capsys):
 def tiny_models(real_data, tmp_path_factory) -> Path:
     """A LeNet trained for one epoch on 20 real PBC-28 images per class, and a 4-filter U-Net trained for 6 steps on
     6 real DSB images: enough to exercise every path of the app in seconds (their predictions are not good)."""
-    from cellkit import training
+    from cellkit import training, unet
 
     folder = tmp_path_factory.mktemp("app_models")
-    train = training.per_class(datasets.load_pbc28("train"), 20)
-    val = training.per_class(datasets.load_pbc28("val"), 5)
+    train = datasets.per_class(datasets.load_pbc28("train"), 20)
+    val = datasets.per_class(datasets.load_pbc28("val"), 5)
     run = training.train_classifier("lenet", train, val, crop=datasets.loaders.PBC_CROP, epochs=1, progress="none",
                                     measure_throughput=False)
     run.save(folder / "lenet.keras")
     manifest = datasets.load_dsb2018_manifest()
     ids = manifest.loc[manifest["size_group"] == "256x256", "image_id"].iloc[:8].tolist()
-    unet = training.train_unet(datasets.load_dsb2018(ids[:6]), datasets.load_dsb2018(ids[6:]),
-                               config=training.UNetConfig(epochs=2, steps_per_epoch=3, base_filters=4, crop=64,
-                                                          batch_size=4, val_crops=4, val_crop_size=64),
-                               progress="none", tune=False, measure_throughput=False)
-    unet.save(folder / "unet.keras")
+    segmenter = unet.train_unet(datasets.load_dsb2018(ids[:6]), datasets.load_dsb2018(ids[6:]),
+                                config=unet.UNetConfig(epochs=2, steps_per_epoch=3, base_filters=4, crop=64,
+                                                       batch_size=4, val_crops=4, val_crop_size=64),
+                                progress="none", tune=False, measure_throughput=False)
+    segmenter.save(folder / "unet.keras")
     return folder
 
 

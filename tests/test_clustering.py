@@ -165,18 +165,18 @@ def test_per_image_outliers_uses_each_images_own_fences():
 
 
 def test_penultimate_embeddings_of_a_tiny_model():
-    from cellkit import models
+    from cellkit import classifiers, runtime
 
-    keras = models.keras_module()
+    keras = runtime.keras_module()
     inputs = keras.Input((8, 8, 3))
     hidden = keras.layers.Dense(5, name="hidden")(keras.layers.Flatten()(inputs))
     outputs = keras.layers.Dense(2, activation="softmax", name="output")(hidden)
-    info = models.ModelInfo(model="tiny", class_names=["a", "b"], input_size=8, preprocessing="pm1")
-    trained = models.TrainedModel(keras.Model(inputs, outputs), info)
+    info = classifiers.ModelInfo(model="tiny", class_names=["a", "b"], input_size=8, preprocessing="pm1")
+    trained = classifiers.TrainedModel(keras.Model(inputs, outputs), info)
     images = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
     emb = clustering.penultimate_embeddings(trained, images, batch_size=2)
     assert emb.shape == (3, 5) and emb.dtype == np.float32
-    x = models.preprocess(images, "pm1").reshape(3, -1)
+    x = classifiers.preprocess(images, "pm1").reshape(3, -1)
     kernel, bias = trained.model.get_layer("hidden").get_weights()
     np.testing.assert_allclose(emb, x @ kernel + bias, rtol=1e-4, atol=1e-4)
     assert clustering.penultimate_embeddings(trained, images[:0]).shape == (0, 5)

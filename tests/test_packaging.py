@@ -1,7 +1,8 @@
-"""The environment is pinned exactly, and pyproject.toml and environment.yml agree."""
+"""The environment is pinned exactly, pyproject.toml and environment.yml agree, and imports run one way."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -56,9 +57,42 @@ def test_ruff_is_clean():
 
 
 def test_library_modules_that_must_stay_light_do_not_import_keras():
+    # the command line answers --help and rejects a wrong model file before TensorFlow has loaded
+    light = ("datasets", "plots", "notebooks", "config", "metrics", "segmentation", "transforms", "features", "cli",
+             "runtime", "saving", "classifiers", "unet", "inference")
     code = (
-        "import sys, cellkit.datasets, cellkit.plots, cellkit.notebooks, cellkit.config;"
+        f"import sys, {', '.join('cellkit.' + name for name in light)};"
         "heavy = [m for m in ('keras', 'tensorflow') if m in sys.modules]; print(heavy); sys.exit(bool(heavy))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, f"imported {result.stdout.strip()} {result.stderr[-500:]}"
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Each module of the package -> the package's modules it imports, at module or function level."""
+    modules = {}
+    for path in (config.PACKAGE_DIR).rglob("*.py"):
+        parts = path.relative_to(config.PROJECT_ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[name] = {other for other in found if other in modules and other not in (name, "cellkit")}
+    return graph
+
+
+def test_no_two_modules_import_each_other():
+    graph = _package_imports()
+    circles = sorted({tuple(sorted((a, b))) for a in graph for b in graph[a] if a in graph.get(b, set())})
+    assert not circles, f"import circles: {circles}"
+
+
+def test_the_library_never_imports_its_faces_or_the_notebook_runner():
+    faces = {"cellkit.cli", "cellkit.app", "cellkit.notebooks"}
+    wrong = {a: sorted(b & faces) for a, b in _package_imports().items() if a not in faces and b & faces}
+    assert not wrong, f"library modules importing the command line, the app or the runner: {wrong}"

@@ -345,19 +345,6 @@ def test_tiled_prediction_bad_input():
         seg.predict_tiled(np.ones((64, 64, 1)), _pointwise, tile=100)
 
 
-def test_predict_instances_end_to_end_with_a_threshold_model():
-    field = synthetic.nuclei_field(seed=1)
-
-    def model(batch):  # a "network" that thresholds the original channel: (B, h, w, 1) -> (B, h, w, 2)
-        fg = (batch[..., 0] > 0.5).astype(np.float32)
-        return np.stack([1 - fg, fg], axis=-1)
-
-    labels, probs = seg.predict_instances(field.fluorescence, model, tile=64, overlap=16)
-    assert probs.shape == (*field.labels.shape, 2)
-    expected = seg.instances_from_foreground(seg.input_stack(field.fluorescence)[..., 0] > 0.5)
-    np.testing.assert_array_equal(labels, expected)
-
-
 # --- the classical baseline ---
 
 

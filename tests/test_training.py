@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellkit import datasets, models, training
+from cellkit import classifiers, datasets, runtime, study, training, transforms
 from cellkit.datasets import DataError, ImageSet
 
 
@@ -25,24 +25,25 @@ def pbc_small(real_data):
 
 def test_dihedral_augmentation_only_moves_pixels_and_is_seeded():
     images = np.random.default_rng(0).integers(0, 256, (64, 9, 9, 3), dtype=np.uint8)
-    out = training.augment_batch(images, np.random.default_rng(1), "dihedral")
+    out = transforms.augment_batch(images, np.random.default_rng(1), "dihedral")
     assert out.shape == images.shape and out.dtype == np.uint8
     for before, after in zip(images, out, strict=True):
-        assert any(np.array_equal(models.view(before[None], k, f)[0], after) for k, f in models.TTA_VIEWS["dihedral"])
-    again = training.augment_batch(images, np.random.default_rng(1), "dihedral")
+        views = classifiers.TTA_VIEWS["dihedral"]
+        assert any(np.array_equal(transforms.dihedral_view(before[None], k, f)[0], after) for k, f in views)
+    again = transforms.augment_batch(images, np.random.default_rng(1), "dihedral")
     np.testing.assert_array_equal(out, again)
     assert not np.array_equal(out, images)
 
 
 def test_shift_and_flips_keep_shape_and_values():
     images = np.random.default_rng(0).integers(0, 256, (16, 12, 12, 3), dtype=np.uint8)
-    shifted = training.augment_batch(images, np.random.default_rng(2), "dihedral_shift", max_shift=2)
-    flipped = training.augment_batch(images, np.random.default_rng(2), "flips")
+    shifted = transforms.augment_batch(images, np.random.default_rng(2), "dihedral_shift", max_shift=2)
+    flipped = transforms.augment_batch(images, np.random.default_rng(2), "flips")
     assert shifted.shape == flipped.shape == images.shape
     assert set(np.unique(shifted)) <= set(np.unique(images))
     np.testing.assert_array_equal(np.sort(flipped.reshape(16, -1), axis=1), np.sort(images.reshape(16, -1), axis=1))
     with pytest.raises(ValueError, match="unknown augmentation"):
-        training.augment_batch(images, np.random.default_rng(0), "mixup")
+        transforms.augment_batch(images, np.random.default_rng(0), "mixup")
 
 
 def test_recipes_come_from_the_registry_and_are_checked():
@@ -54,12 +55,12 @@ def test_recipes_come_from_the_registry_and_are_checked():
 
 
 def test_precision_follows_the_cpu_unless_forced():
-    keras = models.keras_module()
+    keras = runtime.keras_module()
     try:
-        assert training.set_precision("auto") == ("bfloat16" if training.cpu_has_bf16() else "float32")
-        assert training.set_precision("float32") == "float32" and keras.config.dtype_policy().name == "float32"
+        assert runtime.set_precision("auto") == ("bfloat16" if runtime.cpu_has_bf16() else "float32")
+        assert runtime.set_precision("float32") == "float32" and keras.config.dtype_policy().name == "float32"
         with pytest.raises(ValueError, match="unknown precision"):
-            training.set_precision("float16")
+            runtime.set_precision("float16")
     finally:
         keras.config.set_dtype_policy("float32")
 
@@ -91,41 +92,42 @@ def test_one_epoch_on_real_pbc_beats_chance(pbc_small):
 
 def test_throughput_and_tta_choice(pbc_small):
     _, val = pbc_small
-    model = models.build("lenet", 8, 28)
+    model = classifiers.build("lenet", 8, 28)
     assert training.throughput(model, val.images[:64], min_seconds=0.2) > 10
     choice, scores = training.choose_tta(model, val.images[:64], val.labels[:64])
-    assert choice in models.TTA_VIEWS and set(scores) == {"none", "flips", "dihedral"}
+    assert choice in classifiers.TTA_VIEWS and set(scores) == {"none", "flips", "dihedral"}
 
 
 def test_training_data_from_a_plain_npz_is_split_70_10_20(tmp_path, pbc_small):
     train, _ = pbc_small
     path = tmp_path / "cells.npz"
     np.savez(path, images=train.images, labels=train.labels)
-    data = training.load_training_data(str(path), size=28)
+    data = datasets.load_training_data(str(path), size=28)
     assert (len(data.train), len(data.val), len(data.test)) == (672, 96, 192)
     assert data.crop is None and data.train.class_names[0] == "class_0"
-    assert training.load_training_data("pbc28", 28).crop == 200
+    assert datasets.load_training_data("pbc28", 28).crop == 200
 
 
 def test_evaluation_labels_are_matched_to_the_models_classes(pbc_small):
     train, _ = pbc_small
-    info = models.ModelInfo("lenet", list(train.class_names), 28)
+    info = classifiers.ModelInfo("lenet", list(train.class_names), 28)
     renamed = ImageSet(train.images[:8], np.arange(8) % 2, [train.class_names[3], train.class_names[1]])
-    assert training.align_classes(renamed, info.class_names).labels.tolist() == [3, 1] * 4
+    assert datasets.align_classes(renamed, info.class_names).labels.tolist() == [3, 1] * 4
     stranger = ImageSet(train.images[:2], np.array([0, 1]), ["basophil", "macrophage"])
     with pytest.raises(DataError, match="'macrophage' is not one of the model's classes"):
-        training.align_classes(stranger, info.class_names)
+        datasets.align_classes(stranger, info.class_names)
     too_high = ImageSet(train.images[:2], np.array([0, 9]), [f"class_{i}" for i in range(10)])
     with pytest.raises(DataError, match="label 9 is outside the model's 8 classes"):
-        training.align_classes(too_high, info.class_names)
+        datasets.align_classes(too_high, info.class_names)
 
 
 def test_ensemble_averages_the_members_probabilities(pbc_small):
     _, val = pbc_small
     members = []
     for seed in (0, 1):
-        models.keras_module().utils.set_random_seed(seed)
-        trained = models.TrainedModel(models.build("lenet", 8, 28), models.ModelInfo("lenet", val.class_names, 28))
+        runtime.keras_module().utils.set_random_seed(seed)
+        info = classifiers.ModelInfo("lenet", val.class_names, 28)
+        trained = classifiers.TrainedModel(classifiers.build("lenet", 8, 28), info)
         members.append(training.TrainingRun(trained, training.FitConfig(), None, {}, None, {}, 0.0, 0))
     report, proba = training.ensemble_report(members, val)
     expected = np.mean([m.trained.predict_proba(val.images) for m in members], axis=0)
@@ -135,9 +137,9 @@ def test_ensemble_averages_the_members_probabilities(pbc_small):
 
 def test_early_stopping_waits_for_batch_norm_statistics():
     # momentum 0.99 needs 299 steps before the running statistics forget their start values
-    assert training.batch_norm_warmup_epochs(models.build("alexnet", 8, 28), steps_per_epoch=94) == 4
-    assert training.batch_norm_warmup_epochs(models.build("cellnet", 8, 28), steps_per_epoch=10) == 3  # 0.9: 29
-    assert training.batch_norm_warmup_epochs(models.build("lenet", 8, 28), steps_per_epoch=10) == 0
+    assert training.batch_norm_warmup_epochs(classifiers.build("alexnet", 8, 28), steps_per_epoch=94) == 4
+    assert training.batch_norm_warmup_epochs(classifiers.build("cellnet", 8, 28), steps_per_epoch=10) == 3  # 0.9: 29
+    assert training.batch_norm_warmup_epochs(classifiers.build("lenet", 8, 28), steps_per_epoch=10) == 0
 
 
 # --- report 000's study (notebook 05) ------------------------------------------------------------------------
@@ -145,58 +147,58 @@ def test_early_stopping_waits_for_batch_norm_statistics():
 
 def test_kfold_is_stratified_seeded_and_covers_every_image_once():
     labels = np.repeat(np.arange(3), [8, 12, 4])
-    splits = training.kfold_indices(labels, 4, seed=1)
+    splits = study.kfold_indices(labels, 4, seed=1)
     held = np.concatenate([h for _, h in splits])
     assert sorted(held.tolist()) == list(range(len(labels)))
     for train, h in splits:
         assert not set(train) & set(h) and len(train) + len(h) == len(labels)
         assert np.bincount(labels[h], minlength=3).tolist() == [2, 3, 1]
-    again = training.kfold_indices(labels, 4, seed=1)
+    again = study.kfold_indices(labels, 4, seed=1)
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, again, strict=True))
     with pytest.raises(DataError, match="smallest class has 4"):
-        training.kfold_indices(labels, 5)
+        study.kfold_indices(labels, 5)
     with pytest.raises(ValueError, match="at least 2 folds"):
-        training.kfold_indices(labels, 1)
+        study.kfold_indices(labels, 1)
 
 
 def test_report000_augmentation_rotates_and_flips():
     images = np.zeros((32, 15, 15, 3), np.uint8)
     images[:, 7, :] = 255  # a horizontal bar: any rotation other than 0/180 degrees moves it
-    out = training.augment_batch(images, np.random.default_rng(0), "flip_rotate50")
+    out = transforms.augment_batch(images, np.random.default_rng(0), "flip_rotate50")
     assert out.shape == images.shape and out.dtype == np.uint8
     assert not np.array_equal(out, images)
-    np.testing.assert_array_equal(out, training.augment_batch(images, np.random.default_rng(0), "flip_rotate50"))
+    np.testing.assert_array_equal(out, transforms.augment_batch(images, np.random.default_rng(0), "flip_rotate50"))
 
 
-@pytest.mark.parametrize("name", list(training.STUDY_INPUTS))
+@pytest.mark.parametrize("name", list(study.STUDY_INPUTS))
 def test_study_inputs_keep_shape_and_dtype(name, real_data):
     images = datasets.load_pbc28("test").images[:6]
     for size in (28, 32):
-        out = training.study_images(images, name, size)
+        out = study.study_images(images, name, size)
         assert out.shape == (6, size, size, 3) and out.dtype == np.uint8
-    entry = training.study_input(name)
-    assert entry.preprocessing in models.PREPROCESSING and entry.augment in training.AUGMENTATIONS
+    entry = study.study_input(name)
+    assert entry.preprocessing in classifiers.PREPROCESSING and entry.augment in transforms.AUGMENTATIONS
     if name == "canny":
         assert set(np.unique(out)) <= {0, 255} and np.array_equal(out[..., 0], out[..., 2])
     with pytest.raises(ValueError, match="unknown input 'blur'"):
-        training.study_input("blur")
+        study.study_input("blur")
 
 
 def test_study_table_averages_folds():
     rows = [{"model": "m", "input": "a", "fold": f, "cv_accuracy": acc, "test_accuracy": 0.5, "train_seconds": 2.0}
             for f, acc in ((1, 0.6), (2, 0.8))] + [{"model": "m", "input": "b", "fold": 1, "cv_accuracy": 0.3,
                                                      "test_accuracy": 0.2, "train_seconds": 1.0}]
-    table = training.study_table(rows)
+    table = study.study_table(rows)
     assert table.loc[("m", "a"), "cv_accuracy"] == pytest.approx(0.7)
     assert table.loc[("m", "a"), "cv_accuracy_sd"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
     assert table.loc[("m", "b"), "cv_accuracy_sd"] == 0 and table.loc[("m", "b"), "folds"] == 1
-    assert training.study_table(rows, by=["model"]).loc["m", "train_seconds"] == pytest.approx(5 / 3)
+    assert study.study_table(rows, by=["model"]).loc["m", "train_seconds"] == pytest.approx(5 / 3)
 
 
 def test_cross_validation_of_the_basic_cnn_on_real_pbc(pbc_small):
     train, val = pbc_small
-    pool = training.per_class(train, 30)
-    rows = training.cross_validate("basic-cnn", "normalised", pool, val, folds=2,
+    pool = datasets.per_class(train, 30)
+    rows = study.cross_validate("basic-cnn", "normalised", pool, val, folds=2,
                                    config=training.FitConfig(epochs=3, batch_size=32), precision="float32",
                                    throughput_seconds=0.1)
     assert [r["fold"] for r in rows] == [1, 2] and all(r["n_held_out"] == 120 for r in rows)

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cellkit import metrics, models, training
+from cellkit import classifiers, metrics, transfer, transforms
 from cellkit.datasets import DataError, ImageSet
 from cellkit.datasets.labels import PBC_LABEL_SPACE, label_matrix, label_scores_from_classes, multilabel_targets
 
@@ -62,7 +62,7 @@ def test_multilabel_auc_known_answer():
 
 def test_label_weights_balance_each_label():
     y = np.array([[1, 1], [0, 1], [0, 1], [0, 1]])
-    w = training.label_weights(y)
+    w = transfer.label_weights(y)
     # label 0: 1 positive of 4 -> 4/2 = 2.0, negatives 4/6; label 1: all positive -> no weighting
     np.testing.assert_allclose(w[:, 0], [2.0, 2 / 3, 2 / 3, 2 / 3])
     np.testing.assert_allclose(w[:, 1], 1.0)
@@ -89,21 +89,21 @@ def _set(counts, size=8):
 
 def test_imbalanced_subset_follows_the_shares():
     data = _set([50, 50, 50])
-    subset = training.imbalanced_subset(data, [4, 2, 1], largest=40)
+    subset = transfer.imbalanced_subset(data, [4, 2, 1], largest=40)
     assert np.bincount(subset.labels).tolist() == [40, 20, 10]
 
 
 def test_minority_copies_fill_up_to_the_largest_class_only():
     data = _set([12, 5, 3])
-    copies, labels = training.minority_copies(data.images, data.labels, 3, np.random.default_rng(1))
+    copies, labels = transfer.minority_copies(data.images, data.labels, 3, np.random.default_rng(1))
     assert np.bincount(labels, minlength=3).tolist() == [0, 7, 9]
     assert copies.shape == (16, 8, 8, 3) and copies.dtype == np.uint8
     # every copy is one of the 8 symmetries of an image of its class
     for image, label in zip(copies, labels, strict=True):
         members = data.images[data.labels == label]
-        views = [models.view(members, k, flip) for k in range(4) for flip in (False, True)]
+        views = [transforms.dihedral_view(members, k, flip) for k in range(4) for flip in (False, True)]
         assert any((v == image).all(axis=(1, 2, 3)).any() for v in views)
-    none, _ = training.minority_copies(data.images[:5], np.zeros(5, int), 1, np.random.default_rng(1))
+    none, _ = transfer.minority_copies(data.images[:5], np.zeros(5, int), 1, np.random.default_rng(1))
     assert len(none) == 0
 
 
@@ -111,8 +111,8 @@ def test_minority_copies_fill_up_to_the_largest_class_only():
 
 
 def test_transfer_head_is_the_reports():
-    head = models.build_transfer_head((3, 3, 512), 8)
-    dense = [row for row in models.layer_table(head) if row["type"] == "Dense"]
+    head = transfer.build_transfer_head((3, 3, 512), 8)
+    dense = [row for row in classifiers.layer_table(head) if row["type"] == "Dense"]
     assert [(r["filters_or_units"], r["activation"]) for r in dense] == [(256, "relu"), (128, "relu"),
                                                                           (8, "softmax")]
     assert [type(layer).__name__ for layer in head.layers] == [
@@ -121,28 +121,28 @@ def test_transfer_head_is_the_reports():
     assert head.count_params() == (512 * 256 + 256) + (256 * 128 + 128) + (128 * 8 + 8)
     out = np.asarray(head(np.random.default_rng(0).normal(size=(4, 3, 3, 512)).astype("float32")))
     np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
-    sigmoid = models.build_transfer_head((512,), 5, "sigmoid")
+    sigmoid = transfer.build_transfer_head((512,), 5, "sigmoid")
     assert sigmoid.output_shape == (None, 5) and sigmoid.layers[-1].get_config()["activation"] == "sigmoid"
     with pytest.raises(ValueError, match="softmax or sigmoid"):
-        models.build_transfer_head((512,), 5, "relu")
+        transfer.build_transfer_head((512,), 5, "relu")
 
 
 def test_vgg16_cut_recomposes_the_base():
-    base = models.build_vgg16_base(32, None)
-    lower, upper = models.split_vgg16(base)
+    base = transfer.build_vgg16_base(32, None)
+    lower, upper = transfer.split_vgg16(base)
     assert lower.output_shape == (None, 2, 2, 512) and upper.output_shape == (None, 1, 1, 512)
     assert [layer.name for layer in upper.layers[1:]] == ["block5_conv1", "block5_conv2", "block5_conv3",
                                                           "block5_pool"]
-    x = models.preprocess(np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8), "caffe")
+    x = classifiers.preprocess(np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8), "caffe")
     np.testing.assert_allclose(np.asarray(upper(lower(x))), np.asarray(base(x)), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="at least 32x32"):
-        models.build_vgg16_base(28)
+        transfer.build_vgg16_base(28)
 
 
 def test_caffe_scaling_is_bgr_minus_imagenet_means():
     x = np.zeros((1, 1, 1, 3), np.uint8)
     x[..., 0] = 200  # red
-    np.testing.assert_allclose(models.preprocess(x, "caffe")[0, 0, 0], [-103.939, -116.779, 200 - 123.68],
+    np.testing.assert_allclose(classifiers.preprocess(x, "caffe")[0, 0, 0], [-103.939, -116.779, 200 - 123.68],
                                rtol=1e-6)
 
 
@@ -154,8 +154,8 @@ def weights_file(tmp_path):
     """A notop VGG16 weights file in the layout Keras publishes (legacy HDF5), of a random base."""
     from keras.src.legacy.saving import legacy_h5_format
 
-    base = models.build_vgg16_base(32, None)
-    path = tmp_path / models.VGG16_NOTOP_FILE
+    base = transfer.build_vgg16_base(32, None)
+    path = tmp_path / transfer.VGG16_NOTOP_FILE
     with h5py.File(path, "w") as handle:
         legacy_h5_format.save_weights_to_hdf5_group(handle, base)
     return path, base
@@ -163,40 +163,40 @@ def weights_file(tmp_path):
 
 def test_weights_from_keras_cache_are_used(weights_file, tmp_path, monkeypatch):
     path, source = weights_file
-    monkeypatch.delenv(models.VGG16_WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(transfer.VGG16_WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     (tmp_path / "models").mkdir()
-    path.rename(tmp_path / "models" / models.VGG16_NOTOP_FILE)
-    found, record = models.vgg16_weights("imagenet")
-    assert found == tmp_path / "models" / models.VGG16_NOTOP_FILE
+    path.rename(tmp_path / "models" / transfer.VGG16_NOTOP_FILE)
+    found, record = transfer.vgg16_weights("imagenet")
+    assert found == tmp_path / "models" / transfer.VGG16_NOTOP_FILE
     assert record["weights"] == "imagenet" and record["official"] is False  # random weights: not Keras' md5
-    base = models.build_vgg16_base(64, "imagenet")  # another input size: convolution weights do not depend on it
+    base = transfer.build_vgg16_base(64, "imagenet")  # another input size: convolution weights do not depend on it
     for mine, theirs in zip(base.get_weights(), source.get_weights(), strict=True):
         np.testing.assert_array_equal(mine, theirs)
 
 
 def test_weights_from_a_path_or_the_environment(weights_file, monkeypatch):
     path, source = weights_file
-    base = models.build_vgg16_base(32, path)
+    base = transfer.build_vgg16_base(32, path)
     np.testing.assert_array_equal(base.get_weights()[0], source.get_weights()[0])
-    monkeypatch.setenv(models.VGG16_WEIGHTS_ENV, str(path))
-    assert models.find_imagenet_weights() == path
-    assert models.vgg16_weights("imagenet")[1]["md5"] == models.md5sum(path)
+    monkeypatch.setenv(transfer.VGG16_WEIGHTS_ENV, str(path))
+    assert transfer.find_imagenet_weights() == path
+    assert transfer.vgg16_weights("imagenet")[1]["md5"] == transfer.md5sum(path)
 
 
 def test_missing_weights_are_a_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.delenv(models.VGG16_WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(transfer.VGG16_WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    assert models.find_imagenet_weights() is None
-    with pytest.raises(DataError, match=models.VGG16_NOTOP_MD5) as error:
-        models.vgg16_weights("imagenet")
-    assert "\n" not in str(error.value) and models.VGG16_NOTOP_FILE in str(error.value)
+    assert transfer.find_imagenet_weights() is None
+    with pytest.raises(DataError, match=transfer.VGG16_NOTOP_MD5) as error:
+        transfer.vgg16_weights("imagenet")
+    assert "\n" not in str(error.value) and transfer.VGG16_NOTOP_FILE in str(error.value)
     with pytest.raises(DataError, match="no such file"):
-        models.build_vgg16_base(32, tmp_path / "missing.h5")
-    monkeypatch.setenv(models.VGG16_WEIGHTS_ENV, str(tmp_path / "gone.h5"))
+        transfer.build_vgg16_base(32, tmp_path / "missing.h5")
+    monkeypatch.setenv(transfer.VGG16_WEIGHTS_ENV, str(tmp_path / "gone.h5"))
     with pytest.raises(DataError, match="CELLKIT_VGG16_WEIGHTS"):
-        models.vgg16_weights("imagenet")
-    assert models.vgg16_weights(None)[1]["weights"] == "none"
+        transfer.vgg16_weights("imagenet")
+    assert transfer.vgg16_weights(None)[1]["weights"] == "none"
 
 
 def test_wrong_weights_file_is_a_one_line_error(tmp_path):
@@ -204,4 +204,4 @@ def test_wrong_weights_file_is_a_one_line_error(tmp_path):
     with h5py.File(bad, "w") as handle:
         handle.create_dataset("x", data=np.zeros(3))
     with pytest.raises(DataError, match="not VGG16"):
-        models.build_vgg16_base(32, bad)
+        transfer.build_vgg16_base(32, bad)

@@ -5,6 +5,10 @@
 >>> cells = datasets.load_pbc_jpg(size=48)           # original JPEGs, centre crop + bicubic resize
 >>> split = datasets.dsb2018_split()                 # {"train": ids, "val": ids, "test": ids}
 >>> nuclei = datasets.load_dsb2018(split["test"])    # SegmentationSet, images + uint16 instance labels
+
+Every split in the project is :func:`stratified_split` (``datasets/splits.py``). What ``cellkit train`` and
+``cellkit evaluate`` read (a dataset name, an npz or a folder, as train/validation/test) is
+:func:`load_training_data`, :func:`load_evaluation_data` and :func:`load_segmentation_data` (``datasets/parts.py``).
 """
 
 from cellkit.datasets.containers import ImageSet, SegmentationSet
@@ -22,15 +26,36 @@ from cellkit.datasets.loaders import (
     to_grey,
     to_rgb,
 )
+from cellkit.datasets.parts import (
+    LabelledData,
+    SegmentationData,
+    align_classes,
+    load_evaluation_data,
+    load_segmentation_data,
+    load_training_data,
+    pbc_jpg_parts,
+)
 from cellkit.datasets.registry import REGISTRY, DataError, DatasetInfo, DatasetNotFound, info, locate, require
-from cellkit.datasets.splits import dsb2018_split, saved_split, split_file, stratified_split
+from cellkit.datasets.splits import (
+    dsb2018_split,
+    per_class,
+    sample,
+    saved_split,
+    split_file,
+    split_of,
+    stratified_positions,
+    stratified_split,
+)
 
 __all__ = [
     "REGISTRY",
     "DataError",
     "DatasetInfo",
     "DatasetNotFound",
+    "LabelledData",
+    "SegmentationData",
     "ImageSet",
+    "align_classes",
     "SegmentationSet",
     "centre_crop_resize",
     "decode_image",
@@ -39,15 +64,23 @@ __all__ = [
     "load_class_folder",
     "load_dsb2018",
     "load_dsb2018_manifest",
+    "load_evaluation_data",
     "load_instance_folder",
     "load_npz",
     "load_pbc28",
     "load_pbc_jpg",
+    "load_segmentation_data",
+    "load_training_data",
     "locate",
+    "pbc_jpg_parts",
     "read_image",
     "require",
+    "per_class",
+    "sample",
     "saved_split",
     "split_file",
+    "split_of",
+    "stratified_positions",
     "stratified_split",
     "to_grey",
     "to_rgb",

@@ -34,12 +34,12 @@ import numpy as np
 import pandas as pd
 import pooch
 from PIL import Image
-from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 from cellkit import config
 from cellkit.datasets import registry
 from cellkit.datasets.registry import DataError
+from cellkit.datasets.splits import stratified_positions
 
 
 @dataclass(frozen=True)
@@ -331,16 +331,6 @@ def medmnist_resize(
     return np.asarray(small, dtype=np.uint8)
 
 
-def stratified_split(labels: np.ndarray, seed: int = SEED) -> dict[str, np.ndarray]:
-    """Sorted positions of a stratified 70/10/20 split of ``labels`` (shape (n,)) into train, val and test."""
-    index = np.arange(len(labels))
-    # Whole counts of the total, so that float shares (0.1 / 0.8 > 0.125) cannot round a split up by one.
-    n_test, n_val = round(len(labels) * PBC_SPLIT["test"]), round(len(labels) * PBC_SPLIT["val"])
-    rest, test = train_test_split(index, test_size=n_test, stratify=labels, random_state=seed)
-    train, val = train_test_split(rest, test_size=n_val, stratify=labels[rest], random_state=seed)
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
-
-
 def write_pbc28(images: np.ndarray, keys: list[str], duplicates: list[str], npz_path: Path) -> Path:
     """Split and save the 28x28 images (uint8 (n, 28, 28, 3), one per ``"<class>/<file>.jpg"`` key).
 
@@ -351,7 +341,7 @@ def write_pbc28(images: np.ndarray, keys: list[str], duplicates: list[str], npz_
     files = np.array(keys)
     labels = np.array([PBC_CLASSES.index(f.split("/")[0]) for f in keys], dtype=np.uint8)
     try:
-        split = stratified_split(labels)
+        split = stratified_positions(labels, tuple(PBC_SPLIT[p] for p in ("train", "val", "test")), SEED)
     except ValueError as exc:
         raise DataError(f"cannot split the PBC images 70/10/20 by class ({_first_line(exc)})") from None
     arrays: dict[str, np.ndarray] = {}
