@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test install lint data-check notebooks-strip clean-figures browser models app
+.PHONY: run test install lint data-check notebooks-strip browser models app
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -367,7 +367,7 @@ DEFAULT_MODEL = "cellnet"
 REPORT_FIT = {"optimizer": "adam", "learning_rate": 1e-3, "schedule": "constant", "weight_decay": 0.0,
               "label_smoothing": 0.0, "augment": "none", "epochs": 30, "patience": 5, "batch_size": 32,
               "tta": "none"}  # fmt: skip
-#: The recipe of the small CNN, chosen on the validation split (see notebook 04 and the README).
+#: The recipe of the small CNN, chosen on the validation split (see notebook 04 and docs/classifier_recipe.md).
 CELLNET_FIT = {"optimizer": "adamw", "learning_rate": 3e-3, "schedule": "cosine", "weight_decay": 5e-4,
                "label_smoothing": 0.1, "augment": "dihedral_shift", "epochs": 20, "patience": 10,
                "batch_size": 128, "tta": "auto"}  # fmt: skip

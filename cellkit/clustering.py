@@ -19,6 +19,9 @@ them. Keras is imported only inside :func:`penultimate_embeddings`, so the rest 
 :func:`tsne_map`                            a 2-D map (t-SNE) for plots
 :func:`kernel_cost`, :func:`loglog_slope`   time and peak memory of both kernel PCAs as n grows
 :func:`per_image_outliers`                  Tukey-fence outliers of a measurement within each image
+:func:`nuclei_to_cluster`                   nuclei of label images: crops, morphology, atypical flags
+:func:`atypical_nuclei`                     nuclei unusually large, small, bright or dim for their image
+:func:`morphology_matrix`                   the scale-free morphology features, standardised, to cluster
 ==========================================  ==============================================================
 
 Conventions: an embedding ``X`` is a float array (n cells, d dimensions); cluster labels are int arrays (n,)
@@ -37,6 +40,7 @@ import functools
 import time
 import tracemalloc
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,8 +54,8 @@ from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
-from cellkit import classifiers, runtime
-from cellkit.datasets import DataError
+from cellkit import classifiers, features, runtime, segmentation
+from cellkit.datasets import DataError, SegmentationSet
 
 #: Clustering methods of :func:`cluster`.
 METHODS = ("kmeans++", "gmm", "agglomerative")
@@ -321,3 +325,71 @@ def per_image_outliers(values: Sequence[float], groups: Sequence[Any], fence: fl
     iqr = q3 - q1
     outside = (frame["v"] < q1 - fence * iqr) | (frame["v"] > q3 + fence * iqr)
     return (outside & (size >= 4)).to_numpy()
+
+
+# --- nuclei of label images (notebook 09's DSB part) ------------------------------------------------------------
+
+#: Morphology columns of :func:`cellkit.features.nucleus_morphology` that do not depend on the magnification, the
+#: ones nuclei are clustered on (:func:`morphology_matrix`): absolute sizes would sort images by microscope.
+SCALE_FREE_MORPHOLOGY = ("relative_area", "relative_intensity", "circularity", "eccentricity", "solidity", "extent",
+                         "intensity_cv")
+
+
+@dataclass
+class Nuclei:
+    """The nuclei of a set of label images, ready to cluster (:func:`nuclei_to_cluster`).
+
+    ``table``: one row per nucleus, the columns of :func:`cellkit.features.nucleus_morphology` and ``atypical``
+    (:func:`atypical_nuclei`). ``crops``: (n, size, size, 3) ``float32`` crops in [0, 1], in the rows' order
+    (:func:`cellkit.segmentation.crops_from_dataset`). ``n_size_outliers``, ``n_dark``: objects the crop rules
+    dropped; ``n_border``: nuclei left out because they touch the image border.
+    """
+
+    table: pd.DataFrame
+    crops: np.ndarray
+    n_size_outliers: int
+    n_dark: int
+    n_border: int
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def n_cropped(self) -> int:
+        """Nuclei the crop rules kept, those on the border included."""
+        return len(self.table) + self.n_border
+
+
+def nuclei_to_cluster(data: SegmentationSet, size: int = 96, fence: float = 1.5) -> Nuclei:
+    """The nuclei of ``data`` (images and instance labels) as report 004 clustered its cells: one ``size`` x
+    ``size`` crop each (report 004's rules: the 5 % size outliers of the whole set and mostly black cells
+    dropped), the morphology of each measured on its mask in the full image, and the ``atypical`` flag.
+
+    Nuclei that touch the image border are left out: part of their outline is the border's, not their own (in
+    notebook 09's first run they made up much of an "elongated, straight-edged" cluster). Atypical is judged
+    among the nuclei kept, within each image (:func:`atypical_nuclei`).
+    """
+    crops = segmentation.crops_from_dataset(data.images, data.labels, size)
+    morphology = features.nucleus_morphology(data).set_index(["image_index", "label"])
+    table = morphology.loc[list(zip(crops.image_index, crops.ids, strict=True))].reset_index()
+    inside = ~table["on_border"].to_numpy(dtype=bool)
+    table = table[inside].reset_index(drop=True)
+    table["atypical"] = atypical_nuclei(table, fence)
+    return Nuclei(table, crops.crops[inside], crops.n_size_outliers, crops.n_dark, int((~inside).sum()))
+
+
+def atypical_nuclei(table: pd.DataFrame, fence: float = 1.5) -> np.ndarray:
+    """Boolean (n,): nuclei whose area (``area_px``) or brightness relative to their image's median nucleus
+    (``relative_intensity``) lies outside the Tukey fences of the nuclei of their own image (``image_index``;
+    :func:`per_image_outliers`): unusually large, small, bright or dim for their field of view. Decided before
+    and without any clustering (report 004's atypical cells were the brighter ones)."""
+    by_image = table["image_index"]
+    return (per_image_outliers(table["area_px"], by_image, fence)
+            | per_image_outliers(table["relative_intensity"], by_image, fence))
+
+
+def morphology_matrix(table: pd.DataFrame) -> np.ndarray:
+    """The :data:`SCALE_FREE_MORPHOLOGY` columns of a morphology table as an embedding to cluster, (n, d') float64
+    (:func:`standardise`; constant columns dropped). ``relative_area`` enters as its log, so that a nucleus twice
+    and one half the typical area lie equally far from it."""
+    return standardise(np.column_stack([np.log(table["relative_area"]), table[list(SCALE_FREE_MORPHOLOGY[1:])]]))

@@ -38,8 +38,10 @@ def montage(
     titles: Sequence[str] | None = None,
     cell_inches: float = 1.1,
     cmap: str = "gray",
+    title: str = "",
 ) -> plt.Figure:
-    """A grid of images (grey or RGB, any dtype matplotlib shows) with optional titles, axes hidden."""
+    """A grid of images (grey or RGB, any dtype matplotlib shows) with optional titles, axes hidden; ``title``
+    goes above the grid."""
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = max(1, int(np.ceil(n / ncols)))
@@ -51,6 +53,9 @@ def montage(
             if titles is not None:
                 ax.set_title(titles[i], fontsize=7)
     fig.tight_layout(pad=0.2)
+    if title:
+        fig.suptitle(title, fontsize=9)
+        fig.subplots_adjust(top=1 - 0.45 / fig.get_figheight())  # room for the title: 0.45 inch
     return fig
 
 
@@ -73,15 +78,17 @@ def overlay_instances(image: np.ndarray, labels: np.ndarray, alpha: float = 0.35
 
 
 def grouped_bars(
-    table, title: str = "", xlabel: str = "", ylabel: str = "count", log: bool = False, annotate: bool = True
+    table, title: str = "", xlabel: str = "", ylabel: str = "count", log: bool = False, annotate: bool = True,
+    figsize: tuple[float, float] | None = None, ylim: tuple[float, float] | None = None,
 ) -> plt.Figure:
     """Bars of a table of counts: one cluster per row (e.g. class), one bar per column (e.g. split).
 
     ``table`` is a pandas DataFrame whose index names the clusters and whose columns the bars; with
-    ``annotate`` every bar is labelled with its value.
+    ``annotate`` every bar is labelled with its value. ``figsize`` (inches; default: wider with more bars) and
+    ``ylim`` (default: matplotlib's) set the figure's size and the value axis.
     """
     n_rows, n_cols = table.shape
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * n_rows * max(1, n_cols) ** 0.5 + 2), 4))
+    fig, ax = plt.subplots(figsize=figsize or (max(6.0, 0.9 * n_rows * max(1, n_cols) ** 0.5 + 2), 4))
     width = 0.8 / n_cols
     x = np.arange(n_rows)
     for j, column in enumerate(table.columns):
@@ -93,6 +100,8 @@ def grouped_bars(
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if log:
         ax.set_yscale("log")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     if n_cols > 1:
         ax.legend(title=table.columns.name, fontsize=8)
     ax.spines[["top", "right"]].set_visible(False)
@@ -256,7 +265,7 @@ def intensity_histogram_panels(histograms, ncols: int = 4, title: str = "",
     return fig
 
 
-# --- transforms (02_preprocessing_and_augmentation): images beside their histograms --------------------------
+# --- transforms (02_preprocessing_and_augmentation): images beside their histograms, cost bars ---------------
 
 
 def _display_range(image: np.ndarray) -> tuple[np.ndarray, float, float, bool]:
@@ -344,7 +353,43 @@ def images_with_histograms(
     return fig
 
 
-# --- classifiers (04_cnn_lenet_alexnet): learning curves, confusion matrices, ROC curves ------------------
+def horizontal_bars(table, title: str = "", xlabel: str = "", log: bool = False,
+                    figsize: tuple[float, float] = (7, 6.5)) -> plt.Figure:
+    """Horizontal bars of a table: one group per row (e.g. a transformation; the first row at the top), one bar per
+    column (e.g. an image size), the legend outside on the right; ``log`` for a log value axis (values spanning
+    orders of magnitude, such as milliseconds per image)."""
+    fig, ax = plt.subplots(figsize=figsize)
+    table.iloc[::-1].plot.barh(ax=ax, logx=log, width=0.8)
+    ax.set(xlabel=xlabel, ylabel="", title=title)
+    ax.grid(axis="x", which="both", linewidth=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    return fig
+
+
+# --- classifiers (04_cnn_lenet_alexnet): example cells, learning curves, confusion matrices, ROC curves ---
+
+
+def class_mosaics(sets: dict[str, tuple[np.ndarray, np.ndarray]], class_names: Sequence[str], per_class: int = 6,
+                  figsize: tuple[float, float] = (10, 5.2)) -> plt.Figure:
+    """Image sets side by side, one panel each: a row per class (named on the left) of its first ``per_class``
+    images, drawn as one mosaic at the images' own pixel size (so panels of 28x28 and 48x48 images compare).
+
+    ``sets`` maps a panel title to (images (n, s, s, 3) uint8, labels (n,) class ids); a class with fewer images
+    leaves its row partly black.
+    """
+    fig, axes = plt.subplots(1, len(sets), figsize=figsize, squeeze=False)
+    for ax, (title, (images, labels)) in zip(axes[0], sets.items(), strict=True):
+        size = images.shape[1]
+        mosaic = np.zeros((len(class_names) * size, per_class * size, *images.shape[3:]), images.dtype)
+        for c in range(len(class_names)):
+            for j, i in enumerate(np.flatnonzero(np.asarray(labels) == c)[:per_class]):
+                mosaic[c * size:(c + 1) * size, j * size:(j + 1) * size] = images[i]
+        ax.imshow(mosaic)
+        ax.set_yticks(np.arange(len(class_names)) * size + size / 2, class_names, fontsize=8)
+        ax.set_xticks([])
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
 
 
 def learning_curves(histories: dict[str, dict[str, Sequence[float]]], title: str = "",
@@ -536,6 +581,26 @@ def scores_with_spread(means, spreads=None, title: str = "", ylabel: str = "scor
     return fig
 
 
+# --- the transformations x models study (05_transformations_vs_models): cost per model ---------------------------
+
+
+def bar_panels(table, titles: dict[str, str], fmt: str = "%.1f", panel_inches: tuple[float, float] = (4.0, 3.4),
+               colour: str = "tab:blue") -> plt.Figure:
+    """One panel per column of ``table`` named in ``titles`` (column -> panel title), a bar per row (e.g. a model,
+    named by the index) with its value written on it (``fmt``). For quantities in different units side by side,
+    such as training time, inference speed and memory per model."""
+    width, height = panel_inches
+    fig, axes = plt.subplots(1, len(titles), figsize=(width * len(titles), height), squeeze=False)
+    for ax, (column, title) in zip(axes[0], titles.items(), strict=True):
+        bars = ax.bar([str(i) for i in table.index], table[column], color=colour)
+        ax.bar_label(bars, fmt=fmt, fontsize=7)
+        ax.set(title=title)
+        ax.tick_params(axis="x", rotation=20)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
 # --- segmentation (07_unet_segmentation): TP/FP/FN overlays, image panels, score curves ------------------------
 
 #: Colours of :func:`tp_fp_fn_overlay` (report 003's convention).
@@ -617,11 +682,14 @@ def segmentation_panels(rows: Sequence[dict], columns: Sequence[str] = ("image",
 
 
 def score_curves(table, x: str, columns: Sequence[str], group: str | None = None, title: str = "",
-                 xlabel: str | None = None, ylabel: str = "score", log_x: bool = False) -> plt.Figure:
+                 xlabel: str | None = None, ylabel: str = "score", log_x: bool = False,
+                 chosen: float | None = None) -> plt.Figure:
     """Scores against a hyperparameter: one line per column of ``columns`` (or, with ``group``, one line per
     value of that column for the single score ``columns[0]``), markers at the measured points, values written.
 
-    ``table`` is a DataFrame with a column ``x`` (e.g. the learning rate) and the score columns.
+    ``table`` is a DataFrame with a column ``x`` (e.g. the learning rate) and the score columns. ``chosen``: the
+    value of ``x`` chosen (e.g. on the validation split), marked by a dotted vertical line. On a log axis the
+    measured values of ``x`` label the ticks.
     """
     fig, ax = plt.subplots(figsize=(6.2, 3.8))
     if group is None:
@@ -632,8 +700,13 @@ def score_curves(table, x: str, columns: Sequence[str], group: str | None = None
         ax.plot(part[x], part[column], marker="o", linewidth=1.3, label=label)
         for xv, yv in zip(part[x], part[column], strict=True):
             ax.annotate(f"{yv:.3f}", (xv, yv), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
+    if chosen is not None:
+        ax.axvline(chosen, color="0.5", linestyle=":", linewidth=1, label=f"chosen {x} {chosen:g}")
     if log_x:
         ax.set_xscale("log")
+        ticks = np.unique(np.asarray(table[x], dtype=float))
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
     ax.set(xlabel=xlabel or x, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
@@ -667,5 +740,86 @@ def count_scatter(true: Sequence[float], predicted: dict[str, Sequence[float]], 
     axes[0, 0].set_ylabel("predicted count")
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# --- clustering (09_clustering): choosing k, scores per embedding x method, maps, cost curves ------------------
+
+
+def elbow_silhouette(curves: dict, reference_k: int | None = None) -> plt.Figure:
+    """The elbow and silhouette curves of k-means, one line per embedding: ``curves`` maps a name to a table indexed
+    by k with ``wcss`` and ``silhouette`` (:func:`cellkit.clustering.k_curves`). WCSS is shown relative to its
+    value at the smallest k, so embeddings of different scales share an axis; ``reference_k`` (e.g. the number of
+    true classes) is marked by a dotted line."""
+    fig, (elbow, silhouette) = plt.subplots(1, 2, figsize=(11, 3.8))
+    first_k = None
+    for name, table in curves.items():
+        first_k = table.index[0]
+        elbow.plot(table.index, table["wcss"] / table["wcss"].iloc[0], marker="o", label=name)
+        silhouette.plot(table.index, table["silhouette"], marker="o", label=name)
+    for ax in (elbow, silhouette):
+        if reference_k is not None:
+            ax.axvline(reference_k, color="grey", ls=":", lw=1)
+        ax.set_xlabel("k (clusters)")
+    elbow.set(ylabel=f"WCSS / WCSS at k={first_k}", title="elbow: within-cluster sum of squares")
+    marked = "" if reference_k is None else f" (dotted: the {reference_k} true classes)"
+    silhouette.set(ylabel="mean silhouette", title=f"silhouette{marked}")
+    silhouette.legend()
+    fig.tight_layout()
+    return fig
+
+
+def value_heatmap(table, title: str = "", vmin: float = 0.0, vmax: float = 1.0, fmt: str = "{:.2f}",
+                  cmap: str = "viridis") -> plt.Figure:
+    """A table of scores (rows x columns, e.g. embedding x method) as a heatmap with each value written in its
+    cell (white on the dark part of the colour scale, black on the light part) and a colour bar."""
+    values = np.asarray(table, dtype=float)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax)
+    light = vmin + 0.6 * (vmax - vmin)
+    for (i, j), value in np.ndenumerate(values):
+        ax.text(j, i, fmt.format(value), ha="center", va="center", color="white" if value < light else "black",
+                fontsize=9)
+    ax.set_xticks(range(values.shape[1]), [str(c) for c in table.columns])
+    ax.set_yticks(range(values.shape[0]), [str(i) for i in table.index])
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return fig
+
+
+def scatter_maps(xy: np.ndarray, colourings: dict[str, tuple[Sequence[int], Sequence[str]]], title: str = "",
+                 figsize: tuple[float, float] = (12, 5.2)) -> plt.Figure:
+    """The same 2-D map (``xy`` (n, 2), e.g. t-SNE) once per colouring, side by side: ``colourings`` maps a panel
+    title to (a group id 0..g-1 per point, the g group names for the legend). Axes carry no ticks: only who sits
+    next to whom matters on such maps."""
+    xy = np.asarray(xy)
+    fig, axes = plt.subplots(1, len(colourings), figsize=figsize, squeeze=False)
+    for ax, (panel, (values, names)) in zip(axes[0], colourings.items(), strict=True):
+        values = np.asarray(values)
+        for j, name in enumerate(names):
+            keep = values == j
+            ax.scatter(xy[keep, 0], xy[keep, 1], s=4, color=plt.cm.tab10(j % 10), label=name)
+        ax.set(title=panel, xticks=[], yticks=[])
+        ax.legend(markerscale=3, fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def cost_curves(table, x: str, panels: dict[str, tuple[str, str]], group: str, xlabel: str | None = None,
+                log: bool = True) -> plt.Figure:
+    """Costs against a size on log-log axes (slopes are the measured exponents), one line per value of ``group``
+    (e.g. a method), one panel per measured column: ``panels`` maps a column of ``table`` to (y label, title)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for name, part in table.groupby(group):
+        for ax, column in zip(axes[0], panels, strict=True):
+            ax.plot(part[x], part[column], marker="o", label=name)
+    scale = "log" if log else "linear"
+    for ax, (ylabel, title) in zip(axes[0], panels.values(), strict=True):
+        ax.set(xscale=scale, yscale=scale, xlabel=xlabel or x, ylabel=ylabel, title=title)
+    axes[0, 0].legend()
     fig.tight_layout()
     return fig

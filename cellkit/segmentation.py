@@ -21,6 +21,7 @@ No Keras here: a model enters only as a ``predict`` callable, ``(B, h, w, C) flo
 :func:`watershed_split`                     distance-transform watershed for touching nuclei
 :func:`probs_to_instances`                  either of the above, chosen by the number of output classes
 :func:`otsu_watershed`                      the classical baseline, no network
+:func:`median_diameter`                     typical nucleus size of an image's objects; :func:`median_area`
 :func:`estimate_diameter`, :func:`zoom`     nucleus size without a network; rescale images to one nucleus size
 :func:`remove_small`, :func:`relabel_sequential`, :func:`holes_filled`
 :func:`single_cell_crops`                   one square 96 x 96 crop per cell (report 004); :func:`crops_from_dataset`
@@ -90,6 +91,7 @@ __all__ = [
     "instances_from_foreground",
     "instances_from_three_class",
     "local_contrast",
+    "median_area",
     "median_diameter",
     "otsu_watershed",
     "pad_to_multiple",
@@ -1091,12 +1093,18 @@ def count_nuclei(
 SCALE_LIMITS = (0.125, 2.0)
 
 
-def median_diameter(labels: np.ndarray) -> float:
-    """Equivalent diameter in px, 2 sqrt(area / pi), of the median object area of an instance image (H, W);
-    NaN when it has no objects."""
+def median_area(labels: np.ndarray) -> float:
+    """Median object area in px of an instance image (H, W) (ids without pixels ignored); NaN when it has no
+    objects."""
     areas = np.bincount(np.asarray(labels).ravel())[1:]
     areas = areas[areas > 0]
-    return float(2 * np.sqrt(np.median(areas) / np.pi)) if areas.size else float("nan")
+    return float(np.median(areas)) if areas.size else float("nan")
+
+
+def median_diameter(labels: np.ndarray) -> float:
+    """Equivalent diameter in px, 2 sqrt(area / pi), of the median object area of an instance image (H, W)
+    (:func:`median_area`); NaN when it has no objects."""
+    return float(2 * np.sqrt(median_area(labels) / np.pi))
 
 
 def estimate_diameter(image: np.ndarray) -> float:

@@ -7,14 +7,18 @@ folds, with time, memory and throughput per fold.
 >>> table = study.study_table(rows)                  # mean and spread over folds per model x input
 
 :data:`STUDY_INPUTS` holds report 000's inputs with its parameters (raw, normalised, augmented, Gaussian blur,
-Canny, Sobel, cell mask); :func:`kfold_indices` the stratified, seeded folds.
+Canny, Sobel, cell mask); :func:`kfold_indices` the stratified, seeded folds. :data:`REPORT000_CLAIMS` holds the
+report's findings as comparisons of two cells of the grid, and :func:`claim_verdicts` says which of them hold here
+(a difference beyond one standard deviation over folds):
+
+>>> findings = pd.DataFrame(study.claim_verdicts(table, study.REPORT000_CLAIMS, optimisers))
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -180,3 +184,106 @@ def study_table(rows: Sequence[dict[str, Any]], by: Sequence[str] = ("model", "i
 def _report(model: Any, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
             preprocessing: str) -> dict[str, Any]:
     return metrics.proba_report(labels, classifiers.predict_proba(model, images, preprocessing), class_names)
+
+
+# --- report 000's findings, re-tested -------------------------------------------------------------------------
+
+
+class Claim(NamedTuple):
+    """A finding of report 000 as a comparison of two cells of the grid: ``said`` (the report's words) claims that
+    the held-out accuracy of (``model_a``, ``input_a``) minus that of (``model_b``, ``input_b``) has the sign
+    ``sign`` (+1: a is better, -1: a is worse)."""
+
+    said: str
+    model_a: str
+    input_a: str
+    model_b: str
+    input_b: str
+    sign: int
+
+
+#: Report 000's findings that one grid of :func:`cross_validate` runs can re-test.
+REPORT000_CLAIMS: tuple[Claim, ...] = (
+    Claim("normalisation helps (basic CNN: precision doubled)", "basic-cnn", "normalised", "basic-cnn", "raw", +1),
+    Claim("augmentation: +0.9% accuracy (basic CNN)", "basic-cnn", "augmented", "basic-cnn", "normalised", +1),
+    Claim("Gaussian blur hurts the basic CNN (-0.5 to -0.7%)", "basic-cnn", "gaussian_blur", "basic-cnn", "normalised",
+          -1),
+    Claim("Canny hurts the basic CNN (-0.5 to -0.7%)", "basic-cnn", "canny", "basic-cnn", "normalised", -1),
+    Claim("Sobel hurts the basic CNN (-0.5 to -0.7%)", "basic-cnn", "sobel", "basic-cnn", "normalised", -1),
+    Claim("Gaussian blur helps ResNet-18 (+6.4%)", "resnet18", "gaussian_blur", "resnet18", "normalised", +1),
+    Claim("Sobel helps ResNet-18 (+4.3%)", "resnet18", "sobel", "resnet18", "normalised", +1),
+    Claim("cell mask helps ResNet-18 (+3.3%)", "resnet18", "cell_mask", "resnet18", "normalised", +1),
+    Claim("Gaussian blur helps ResNet-50 (+5.16%)", "resnet50", "gaussian_blur", "resnet50", "normalised", +1),
+    Claim("ResNet-18 beats the basic CNN (17% vs 15%)", "resnet18", "normalised", "basic-cnn", "normalised", +1),
+    Claim("ResNet-18 beats ResNet-50 (17% vs 14.5%)", "resnet18", "normalised", "resnet50", "normalised", +1),
+    Claim("ViT beats ResNet-18 by about 4%", "vit", "normalised", "resnet18", "normalised", +1),
+)
+
+
+def accuracy_gap(table: Any, a: tuple[str, str], b: tuple[str, str]) -> tuple[float | None, float | None, int]:
+    """(mean held-out accuracy of cell ``a`` minus cell ``b``, the larger of their fold standard deviations, the
+    fewer of their folds) in a :func:`study_table` indexed by (model, input); (None, None, 0) when a cell is
+    missing (not run)."""
+    if a not in table.index or b not in table.index:
+        return None, None, 0
+    first, second = table.loc[a], table.loc[b]
+    return (float(first["cv_accuracy"] - second["cv_accuracy"]),
+            float(max(first["cv_accuracy_sd"], second["cv_accuracy_sd"])), int(min(first["folds"], second["folds"])))
+
+
+def claim_verdict(difference: float | None, sd: float | None, folds: int, sign: int) -> str:
+    """Whether a claimed sign holds: "holds" when ``sign * difference`` exceeds the fold spread ``sd``, "does not
+    hold" when ``-sign * difference`` does, "unclear ..." within the spread or with fewer than 2 folds (no
+    spread), "not run in this profile" when ``difference`` is None."""
+    if difference is None:
+        return "not run in this profile"
+    if folds < 2:
+        return "unclear (one fold, no spread)"
+    if sign * difference > sd:
+        return "holds"
+    if -sign * difference > sd:
+        return "does not hold"
+    return "unclear (within the fold spread)"
+
+
+def claim_verdicts(table: Any, claims: Sequence[Claim] = REPORT000_CLAIMS, optimisers: Any = None
+                   ) -> list[dict[str, Any]]:
+    """One row per claim: ``report 000 said``, ``comparison``, ``here (points)`` (the difference of mean held-out
+    accuracies, percentage points, 1 decimal), ``fold sd (points)`` (the larger fold standard deviation of the two
+    cells, the margin a difference must exceed) and ``verdict`` (:func:`claim_verdict`); then, with
+    ``optimisers``, the rows of :func:`fluctuation_verdicts`.
+
+    ``table`` is a :func:`study_table` indexed by (model, input). Rows are JSON-ready, as notebook 05 records them:
+    None where nothing was measured (a cell not run, no spread), NaN where a measurement is undefined;
+    ``pandas.DataFrame(rows)`` shows them as a table.
+    """
+    rows = []
+    for claim in claims:
+        difference, sd, folds = accuracy_gap(table, (claim.model_a, claim.input_a), (claim.model_b, claim.input_b))
+        rows.append({"report 000 said": claim.said,
+                     "comparison": f"{claim.model_a}/{claim.input_a} - {claim.model_b}/{claim.input_b}",
+                     "here (points)": None if difference is None else round(100 * difference, 1),
+                     "fold sd (points)": None if sd is None else round(100 * sd, 1),
+                     "verdict": claim_verdict(difference, sd, folds, claim.sign)})
+    return rows + fluctuation_verdicts(optimisers)
+
+
+def fluctuation_verdicts(optimisers: Any) -> list[dict[str, Any]]:
+    """Report 000's "SGD fluctuates more than Adam", one row per model (the columns of :func:`claim_verdicts`).
+
+    ``optimisers`` is a DataFrame with ``model``, ``optimizer`` (``adam``, ``sgd``) and ``val accuracy change per
+    epoch`` (the mean absolute change of the validation accuracy from one epoch to the next, NaN after one epoch),
+    or None. The verdict is the sign of sgd - adam ("unclear (one epoch)" when it is NaN): one run each, no spread.
+    """
+    if optimisers is None or not len(optimisers):
+        return []
+    change = optimisers.pivot(index="model", columns="optimizer", values="val accuracy change per epoch")
+    rows = []
+    for model_name, row in change.iterrows():
+        more = row["sgd"] - row["adam"]
+        rows.append({"report 000 said": f"SGD fluctuates more than Adam ({model_name})",
+                     "comparison": "mean |change| of validation accuracy per epoch, sgd - adam",
+                     "here (points)": round(100 * more, 1), "fold sd (points)": None,
+                     "verdict": "unclear (one epoch)" if np.isnan(more) else
+                     "holds" if row["sgd"] > row["adam"] else "does not hold"})
+    return rows

@@ -1,4 +1,4 @@
-"""cellkit.clustering on blobs and rings whose clusters are known."""
+"""cellkit.clustering on blobs and rings whose clusters are known, and on hand-made nuclei."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.datasets import make_blobs, make_circles
 
-from cellkit import clustering
+from cellkit import clustering, datasets, segmentation, synthetic
 from cellkit.datasets import DataError
 
 
@@ -162,6 +163,75 @@ def test_per_image_outliers_uses_each_images_own_fences():
     groups = ["a"] * 5 + ["b"] * 5 + ["c"] * 2
     flags = clustering.per_image_outliers(values, groups)
     assert flags.tolist() == [False] * 4 + [True] + [False] * 5 + [False, False]  # 100 is normal in image b
+
+
+def _disc_field(discs, shape=(120, 120), background=10):
+    """An image and its labels with one uniform disc per (row, column, radius, grey level), ids 1.. in order."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    image, labels = np.full(shape, background, np.uint8), np.zeros(shape, np.int32)
+    for k, (row, col, radius, grey) in enumerate(discs, start=1):
+        inside = (yy - row) ** 2 + (xx - col) ** 2 <= radius**2
+        image[inside], labels[inside] = grey, k
+    return image, labels
+
+
+@pytest.fixture(scope="module")
+def two_fields():
+    """Image 0: eight typical nuclei (radius 5, grey 150), one large (radius 9), one bright (grey 250) and one cut
+    by the top border; image 1: five nuclei of radius 8, all alike (another magnification, nothing atypical)."""
+    typical = [(20 + 25 * (k // 4), 15 + 25 * (k % 4), 5, 150) for k in range(8)]
+    first = _disc_field(typical + [(85, 30, 9, 150), (85, 80, 5, 250), (2, 105, 5, 150)])
+    second = _disc_field([(25, 25, 8, 120), (25, 75, 8, 120), (75, 25, 8, 120), (75, 75, 8, 120), (50, 50, 8, 120)])
+    return datasets.SegmentationSet(images=[first[0], second[0]], labels=[first[1], second[1]], ids=["a", "b"],
+                                    source="hand-made discs")
+
+
+def test_nuclei_to_cluster_leaves_out_the_border_and_flags_what_is_atypical_in_its_own_image(two_fields):
+    nuclei = clustering.nuclei_to_cluster(two_fields, size=32)
+    table = nuclei.table
+    assert (len(nuclei), nuclei.n_border, nuclei.n_cropped) == (15, 1, 16)  # the border disc (id 11) left out
+    assert (nuclei.n_size_outliers, nuclei.n_dark) == (0, 0)  # 5 % of 16 objects rounds to none
+    assert nuclei.crops.shape == (15, 32, 32, 3) and not table["on_border"].any()
+    assert sorted(map(tuple, table[["image_index", "label"]].values.tolist())) == (
+        [(0, k) for k in range(1, 11)] + [(1, k) for k in range(1, 6)])
+    atypical = table.loc[table["atypical"], ["image_index", "label"]].values.tolist()
+    assert atypical == [[0, 9], [0, 10]]  # the large one and the bright one; image 1's large nuclei are its normal
+    assert table.loc[table["image_index"] == 1, "relative_area"].tolist() == [1.0] * 5
+
+
+def test_nuclei_rows_and_crops_are_in_the_same_order(two_fields):
+    nuclei = clustering.nuclei_to_cluster(two_fields, size=32)
+    crops = segmentation.crops_from_dataset(two_fields.images, two_fields.labels, size=32)
+    kept = [(i, k) for i, k in zip(crops.image_index, crops.ids, strict=True) if not (i == 0 and k == 11)]
+    assert list(zip(nuclei.table["image_index"], nuclei.table["label"], strict=True)) == kept
+    np.testing.assert_array_equal(nuclei.crops, crops.crops[[pair != (0, 11) for pair in
+                                                             zip(crops.image_index, crops.ids, strict=True)]])
+
+
+def test_atypical_nuclei_are_area_or_brightness_outliers_of_their_image():
+    table = pd.DataFrame({"image_index": [0] * 6 + [1] * 4,
+                          "area_px": [100, 100, 100, 100, 400, 100, 400, 400, 400, 400],
+                          "relative_intensity": [1.0, 1.0, 1.0, 1.0, 1.0, 0.3, 1.0, 1.0, 1.0, 1.0]})
+    assert clustering.atypical_nuclei(table).tolist() == [False] * 4 + [True, True] + [False] * 4
+
+
+def test_morphology_matrix_uses_the_log_of_the_relative_area_and_drops_constant_columns():
+    table = pd.DataFrame({"relative_area": [0.5, 1.0, 2.0], "relative_intensity": [1.0, 1.2, 0.8],
+                          "circularity": 0.875, "eccentricity": 0.25, "solidity": 0.9375, "extent": 0.75,
+                          "intensity_cv": [0.1, 0.2, 0.3], "area_px": [50, 100, 200]})
+    X = clustering.morphology_matrix(table)
+    assert X.shape == (3, 3)  # log relative area, relative intensity, intensity cv; the constant four dropped
+    np.testing.assert_allclose(X[:, 0], [-np.sqrt(1.5), 0.0, np.sqrt(1.5)])  # log(0.5), 0, log(2): symmetric
+    np.testing.assert_allclose(X.mean(axis=0), 0.0, atol=1e-12)
+
+
+def test_nuclei_to_cluster_on_simulated_nuclei():
+    data = synthetic.nuclei_dataset(n_images=3, seed=4)
+    nuclei = clustering.nuclei_to_cluster(data)
+    assert len(nuclei) == len(nuclei.crops) > 0 and nuclei.crops.shape[1:] == (96, 96, 3)
+    assert nuclei.n_cropped + nuclei.n_size_outliers + nuclei.n_dark == sum(int(lab.max()) for lab in data.labels)
+    assert set(clustering.SCALE_FREE_MORPHOLOGY) <= set(nuclei.table.columns)
+    assert clustering.morphology_matrix(nuclei.table).shape[0] == len(nuclei)
 
 
 def test_penultimate_embeddings_of_a_tiny_model():

@@ -89,6 +89,33 @@ def test_dsb2018_split_is_stratified_seeded_and_saved(real_data, tmp_path, monke
     assert datasets.dsb2018_split(seed=8) != split
 
 
+def test_split_of_the_real_dsb_set_is_the_split_on_file(real_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLKIT_CACHE_DIR", str(tmp_path))
+    nuclei = datasets.load_dsb2018(datasets.load_dsb2018_manifest()["image_id"].tolist()[:3])
+    assert not nuclei.is_synthetic
+    assert datasets.split_of(nuclei, seed=7) == datasets.dsb2018_split(seed=7)
+
+
+def test_split_of_the_synthetic_stand_in_splits_its_own_ids_by_group():
+    from cellkit import synthetic
+
+    stand_in = synthetic.nuclei_dataset(n_images=20, seed=0)
+    assert stand_in.is_synthetic
+    split = datasets.split_of(stand_in, seed=3)
+    assert split == datasets.stratified_split(stand_in.ids, stand_in.groups, seed=3)
+    assert sorted(split["train"] + split["val"] + split["test"]) == sorted(stand_in.ids)
+
+
+def test_sample_is_seeded_keeps_the_order_and_none_keeps_all():
+    data = datasets.SegmentationSet(images=[np.full((2, 2), i, np.uint8) for i in range(10)],
+                                    labels=[np.zeros((2, 2), np.uint16)] * 10, ids=[f"i{i}" for i in range(10)])
+    picked = datasets.sample(data, 4, seed=5)
+    expected = np.sort(np.random.default_rng(5).permutation(10)[:4])  # what the notebooks drew before
+    assert picked.ids == [f"i{i}" for i in expected] and picked.ids == sorted(picked.ids)
+    assert datasets.sample(data, 4, seed=5).ids == picked.ids and datasets.sample(data, 4, seed=6).ids != picked.ids
+    assert datasets.sample(data, None) is data and datasets.sample(data, 50).ids == data.ids
+
+
 def test_stratified_split_pools_groups_too_small_to_stratify():
     ids = [f"i{k}" for k in range(40)]
     groups = ["big"] * 37 + ["tiny"] * 2 + ["single"]

@@ -569,6 +569,15 @@ def test_median_diameter_is_that_of_the_median_area():
     assert np.isnan(seg.median_diameter(np.zeros((5, 5), np.int32)))
 
 
+def test_median_area_of_objects_skips_absent_ids_and_is_nan_without_objects():
+    labels = np.zeros((40, 40), np.uint16)
+    labels[:10, :10], labels[20:30, :20], labels[:10, 20:40], labels[30:40, 30:40] = 1, 2, 5, 7  # 100, 200, 200, 100
+    assert seg.median_area(labels) == 150.0  # even count: the mean of the middle two; ids 3, 4 and 6 absent
+    labels[30:40, 30:40] = 0
+    assert seg.median_area(labels) == 200.0
+    assert np.isnan(seg.median_area(np.zeros((5, 5), np.int32)))
+
+
 def test_estimate_diameter_finds_the_disk_size():
     for radius in (5, 12):
         image, labels = _disks(radius)

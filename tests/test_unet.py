@@ -1,4 +1,4 @@
-"""The U-Net (cellkit.models) and its training (cellkit.training) on tiny networks and simulated nuclei."""
+"""The U-Net (cellkit.unet): configuration, network, training and the trained model, on tiny networks and simulated nuclei."""
 
 from __future__ import annotations
 
@@ -340,3 +340,54 @@ def test_segmentation_data_from_a_folder(tmp_path):
     assert sorted(found.train.ids + found.val.ids + found.test.ids) == sorted(data.ids)
     with pytest.raises(DataError, match="no such folder"):
         datasets.load_segmentation_data(str(tmp_path / "nowhere"))
+
+
+class _StandIn:
+    """A stand-in for train_unet: records its calls and returns a new object per call instead of training."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, train, val, test, config, name, **options):
+        self.calls.append({"data": (train, val, test), "config": config, "name": name, **options})
+        return object()
+
+
+def test_variants_train_each_configuration_once_and_share_its_run():
+    trainer = _StandIn()
+    runs = unet.Variants("train", "val", "test", trainer=trainer, seed=7, progress="none")
+    base = unet.UNetConfig(base_filters=4, epochs=1)
+    enhanced = runs.train("+ input enhancement", replace_config(base, augmentation="none"))
+    two_class = runs.train("2-class", replace_config(base, n_classes=1, channels=("original",)))
+    again = runs.train("- augmentation", unet.UNetConfig(base_filters=4, epochs=1, augmentation="none"))  # equal
+    assert again is enhanced and two_class is not enhanced
+    assert runs.n_trained == 2 and [c["name"] for c in trainer.calls] == ["+ input enhancement", "2-class"]
+    assert trainer.calls[0]["data"] == ("train", "val", "test")
+    assert trainer.calls[0]["seed"] == 7 and trainer.calls[0]["progress"] == "none"  # options reach every run
+    assert list(runs) == ["+ input enhancement", "2-class", "- augmentation"] and len(runs) == 3
+    assert runs["- augmentation"] is enhanced and runs.trained_as(base) is None
+    assert runs.trained_as(replace_config(base, augmentation="none")) == "+ input enhancement"
+
+
+def test_variants_any_field_makes_a_new_run_and_a_changed_config_does_not_leak():
+    trainer = _StandIn()
+    runs = unet.Variants("train", "val", trainer=trainer)
+    config = unet.UNetConfig(base_filters=4, epochs=1)
+    first = runs.train("a", config)
+    assert runs.train("b", replace_config(config, epochs=2)) is not first
+    assert runs.train("c", replace_config(config, class_weights=(1.0, 1.0, 1.0))) is not first
+    config.epochs = 3  # the caller changes its object after training: the recorded configuration stays
+    assert runs.trained_as(unet.UNetConfig(base_filters=4, epochs=1)) == "a"
+    assert runs.n_trained == 3 and trainer.calls[0]["data"] == ("train", "val", None)
+
+
+def test_variants_keep_runs_made_elsewhere_without_reusing_them():
+    trainer = _StandIn()
+    runs = unet.Variants("train", "val", "test", trainer=trainer)
+    saved = object()
+    assert runs.add("final", saved) is saved and runs["final"] is saved
+    full = runs.train("full", unet.UNetConfig())
+    assert full is not saved and runs.n_trained == 1
+    runs.add("full", saved)  # a name taken over by a run made elsewhere: its trained run is still the one reused
+    assert runs.train("full again", unet.UNetConfig()) is full and runs.n_trained == 1
+    assert unet.Variants("train", "val").trainer is unet.train_unet

@@ -14,7 +14,8 @@
 ``unet/trained.py``         :class:`TrainedUNet` (any image in, instance labels out), :func:`save_unet`,
                             :func:`load_unet`
 ``unet/train.py``           random crops, :func:`fit_unet`, :func:`tune_postprocessing`, :func:`train_unet`,
-                            :func:`evaluate_saved_unet`, :func:`segmentation_throughput`
+                            :func:`evaluate_saved_unet`, :func:`segmentation_throughput`, :class:`Variants`
+                            (variants of a recipe, each configuration trained once)
 ==========================  ==============================================================================
 
 The image-side work (input stack, tiling, instances) is :mod:`cellkit.segmentation`'s; segmenting folders of
@@ -45,9 +46,9 @@ from cellkit.unet.trained import TrainedUNet, load_unet, read_unet_config, save_
 
 #: Names of ``unet/train.py``, imported on first use (it builds on Keras classes).
 TRAINING = (
-    "POSTPROCESS_GRID", "POSTPROCESS_START", "CropBatches", "UNetFit", "UNetRun", "evaluate_saved_unet", "fit_unet",
-    "instances_from", "predict_probabilities", "segmentation_throughput", "train_unet", "tune_postprocessing",
-    "unet_targets", "validation_crops", "zoomed_images",
+    "POSTPROCESS_GRID", "POSTPROCESS_START", "CropBatches", "UNetFit", "UNetRun", "Variants", "evaluate_saved_unet",
+    "fit_unet", "instances_from", "predict_probabilities", "segmentation_throughput", "train_unet",
+    "tune_postprocessing", "unet_targets", "validation_crops", "zoomed_images",
 )
 
 
@@ -72,6 +73,7 @@ __all__ = [
     "UNetConfig",
     "UNetFit",
     "UNetRun",
+    "Variants",
     "binary_focal_loss",
     "build_from_config",
     "build_unet",

@@ -1,4 +1,4 @@
-"""cellkit.models: the report's architectures layer by layer, the registry, and saving with metadata."""
+"""cellkit.classifiers: the reports' architectures layer by layer, the registry, and saving with metadata."""
 
 from __future__ import annotations
 
