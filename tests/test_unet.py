@@ -1,4 +1,4 @@
-"""The U-Net (cellkit.unet): configuration, network, training and the trained model, on tiny networks and simulated nuclei."""
+"""The U-Net (cellkit.unet): configuration, network, training and trained model, on tiny networks and simulated data."""
 
 from __future__ import annotations
 
