@@ -309,6 +309,20 @@ def loglog_slope(n: Sequence[float], values: Sequence[float]) -> float:
     return float(np.polyfit(np.log(n), np.log(values), 1)[0])
 
 
+def cost_slopes(cost: pd.DataFrame, measures: Sequence[str] = ("seconds", "peak_mb"), large: float = 1 / 8
+                ) -> dict[str, float]:
+    """The growth exponent (:func:`loglog_slope`) of each method and measure of a :func:`kernel_cost` table, fitted
+    at its large-n end (n at least ``large`` times the largest n: small sizes are dominated by fixed costs), as
+    ``{"<method>: <measure>": slope}``; NaN where fewer than two sizes are there to fit."""
+    end = cost[cost["n"] >= large * cost["n"].max()]
+    slopes = {}
+    for method in cost["method"].unique():
+        part = end[end["method"] == method]
+        for measure in measures:
+            slopes[f"{method}: {measure}"] = loglog_slope(part["n"], part[measure]) if len(part) >= 2 else np.nan
+    return slopes
+
+
 # --- atypical cells -------------------------------------------------------------------------------------
 
 

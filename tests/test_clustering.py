@@ -251,3 +251,14 @@ def test_penultimate_embeddings_of_a_tiny_model():
     np.testing.assert_allclose(emb, x @ kernel + bias, rtol=1e-4, atol=1e-4)
     assert clustering.penultimate_embeddings(trained, images[:0]).shape == (0, 5)
 
+
+
+def test_cost_slopes_fit_each_method_and_measure_at_the_large_end():
+    n = np.array([100, 200, 400, 800, 1600])
+    cost = pd.DataFrame({"method": ["exact"] * 5 + ["nystroem"] * 5, "n": np.concatenate([n, n]),
+                         "seconds": np.concatenate([1e-6 * n**2 + (n < 200) * 5.0, 1e-3 * n]),
+                         "peak_mb": np.concatenate([1e-4 * n**2, 0.1 * n])})
+    slopes = clustering.cost_slopes(cost)
+    assert slopes["exact: seconds"] == pytest.approx(2.0)  # n = 100's fixed cost lies below the large end (>= 200)
+    assert slopes["nystroem: peak_mb"] == pytest.approx(1.0)
+    assert np.isnan(clustering.cost_slopes(cost[cost["n"] == 1600])["exact: seconds"])
