@@ -468,7 +468,7 @@ def _add_segment(commands: argparse._SubParsersAction) -> None:
                         help="tile side for large images, a multiple of 16 (default: the model's, 512; 0: whole "
                              "images, refused beyond 4 Mpx)")
     parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
-                        help="auto: mixed bfloat16 where the CPU supports it (about twice as fast)")
+                        help="auto (the app's too): mixed bfloat16 where the CPU supports it (about twice as fast)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
