@@ -12,26 +12,34 @@ Four tabs, for people who do not code:
 - Segment: upload a fluorescence image; see the nuclei found by a U-Net, their count and a size histogram;
   download the label mask (16-bit PNG).
 
-Uploads are checked by content (PNG, JPEG and TIFF signatures), size (:data:`MAX_UPLOAD_BYTES`) and pixel
-count (:data:`MAX_PIXELS`) before decoding; they are decoded in memory and Shiny's temporary copy is deleted
-at once. Models load with Keras' safe mode. The server listens on 127.0.0.1 unless told otherwise.
+Uploads are checked by content (PNG, JPEG and TIFF signatures), size (:data:`MAX_UPLOAD_BYTES`, also for request
+bodies sent in chunks: :class:`UploadLimit`) and pixel count (:data:`MAX_PIXELS`) before decoding; they are decoded
+in memory and Shiny's temporary copy is deleted at once. Models load with Keras' safe mode. Model work (loading,
+classifying, segmenting) runs on a few worker threads (:class:`ModelJobs`), so that one large image does not stop
+other visitors' pages. The server listens on 127.0.0.1 unless told otherwise, and answers only requests addressed
+to the host names it serves (:func:`default_allowed_hosts`).
 
 >>> serve(models_dir="models", host="127.0.0.1", port=8000)    # what `cellkit app` calls
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
+import ipaddress
 import json
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from starlette.exceptions import HTTPException
 
 from cellkit import config, plots, transforms
 from cellkit.datasets import DataError, decode_image, to_grey
@@ -49,6 +57,16 @@ SIGNATURES: dict[bytes, str] = {
     b"II+\x00": "TIFF",  # BigTIFF
     b"MM\x00+": "TIFF",
 }
+#: Model jobs (loading, classifying, segmenting) that run at once, each on a worker thread: the event loop stays
+#: free for every other visitor, and a crowd cannot start dozens of segmentations (one of 16 Mpx holds ~2 GB).
+MODEL_WORKERS = 2
+#: Model jobs that may wait for a worker besides the running ones; an upload beyond them is told the app is busy.
+MAX_WAITING_JOBS = 8
+#: The Segment tab draws its overlay at most this many pixels on a side (it is shown ~420 px high): a full-size
+#: float overlay of a 16 Mpx image would hold 384 MB and take seconds to draw.
+OVERLAY_MAX_SIDE = 1024
+#: Host names a server on a loopback address answers to (the Host header; IPv6 literals in brackets).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 NO_MODELS_HINT = ("make them with `make models`, or train one with `cellkit train classifier --out "
                   "models/cellnet.keras` or `cellkit train unet --out models/unet.keras`")
 
@@ -81,8 +99,7 @@ def image_shape(data: bytes, kind: str) -> tuple[int, int]:
         with Image.open(io.BytesIO(data)) as image:
             return int(image.height), int(image.width)
     except Exception as error:  # noqa: BLE001 - any header failure is a bad upload, said in one line
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"cannot read the {kind} header ({first})") from None
+        raise DataError(f"cannot read the {kind} header ({first_line(error)})") from None
 
 
 def read_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -121,6 +138,29 @@ def take_upload(file_info: dict[str, Any], max_bytes: int = MAX_UPLOAD_BYTES) ->
         path.unlink(missing_ok=True)
 
 
+class Upload:
+    """An uploaded file held in memory, decoded at most once (on a model worker), however many models or
+    transformations look at it afterwards."""
+
+    def __init__(self, name: str, data: bytes) -> None:
+        self.name, self._data = name, data
+        self._decoded: np.ndarray | str | None = None  # the image, or why it was refused
+        self._lock = threading.Lock()
+
+    def image(self) -> np.ndarray:
+        """The decoded image (:func:`read_upload`); its one-line DataError, raised every time it is asked for."""
+        with self._lock:
+            if self._decoded is None:
+                try:
+                    self._decoded = read_upload(self._data)
+                except DataError as error:
+                    self._decoded = str(error)
+                self._data = b""  # the bytes are not needed once decoded
+            if isinstance(self._decoded, str):
+                raise DataError(self._decoded)
+            return self._decoded
+
+
 # --------------------------------------------------------------------------------------------------------
 # Models on disk
 # --------------------------------------------------------------------------------------------------------
@@ -153,8 +193,8 @@ def find_models(folder: str | Path) -> tuple[list[ModelEntry], list[str]]:
         kind = saving.model_kind(path)
         try:
             entry = ModelEntry(path, kind, (unet.read_unet_config if kind == "unet" else classifiers.read_info)(path))
-        except (DataError, ValueError, KeyError) as error:
-            problems.append(f"{path.name}: {error}")
+        except (DataError, ValueError, KeyError, OSError) as error:
+            problems.append(f"{path.name}: {first_line(error)}")
             continue
         entry.record = saving.read_record(path)
         entries.append(entry)
@@ -168,19 +208,27 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-_LOADED: dict[tuple[str, float], Any] = {}
+_LOADED: dict[str, tuple[float, Any]] = {}
 _LOAD_LOCK = threading.Lock()
 
 
 def load_model(entry: ModelEntry) -> Any:
-    """The loaded model of ``entry`` (safe mode on), kept in memory until its file changes."""
+    """The loaded model of ``entry`` (safe mode on, :data:`cellkit.inference.DEFAULT_PRECISION`, as `cellkit
+    segment` loads it), kept in memory until its file changes. Called on a model worker (:class:`ModelJobs`)."""
     from cellkit import inference
 
-    key = (str(entry.path.resolve()), entry.path.stat().st_mtime)
+    path, mtime = str(entry.path.resolve()), entry.path.stat().st_mtime
     with _LOAD_LOCK:
-        if key not in _LOADED:
-            _LOADED[key] = inference.load_model(entry.path)
-        return _LOADED[key]
+        if _LOADED.get(path, (None,))[0] != mtime:
+            _LOADED.pop(path, None)  # the old version goes before the new one loads
+            _LOADED[path] = (mtime, inference.load_model(entry.path))
+        return _LOADED[path][1]
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): what the page shows."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -336,6 +384,7 @@ class Classification:
     transformed: np.ndarray
     probabilities: dict[str, float]
     seconds: float
+    transform: str = "none"
 
     @property
     def best(self) -> tuple[str, float]:
@@ -353,7 +402,7 @@ def classify_image(trained: Any, image: np.ndarray, transform: str = "none") -> 
     transformed = trained.prepare([INPUT_TRANSFORMS[transform](prepared)])[0]  # Canny is grey: back to RGB
     proba = trained.predict_proba(transformed[None])[0]
     probabilities = {name: float(p) for name, p in zip(trained.class_names, proba, strict=True)}
-    return Classification(prepared, transformed, probabilities, time.perf_counter() - started)
+    return Classification(prepared, transformed, probabilities, time.perf_counter() - started, transform)
 
 
 @dataclass
@@ -372,12 +421,108 @@ class Segmentation:
 
 
 def segment_image(unet: Any, image: np.ndarray) -> Segmentation:
-    """Segment ``image`` with a loaded U-Net (tiled as recorded) and measure each nucleus."""
+    """Segment ``image`` with a loaded U-Net (tiled as recorded; the labels `cellkit segment` writes with the same
+    model) and measure each nucleus; the overlay is drawn at display size (:func:`display_overlay`)."""
     started = time.perf_counter()
     labels, _ = unet.segment(image)
     areas = np.bincount(labels.ravel())[1:]
     grey = to_grey(image) if image.ndim == 3 else image
-    return Segmentation(labels, plots.overlay_instances(grey, labels), areas[areas > 0], time.perf_counter() - started)
+    return Segmentation(labels, display_overlay(grey, labels), areas[areas > 0], time.perf_counter() - started)
+
+
+def display_overlay(grey: np.ndarray, labels: np.ndarray, max_side: int = OVERLAY_MAX_SIDE) -> np.ndarray:
+    """The outlined nuclei over ``grey`` (:func:`cellkit.plots.overlay_instances`), every n-th pixel of a large image
+    so that the longer side is at most ``max_side``; a smaller image is drawn whole."""
+    step = max(1, -(-max(labels.shape) // max_side))
+    return plots.overlay_instances(grey[::step, ::step], labels[::step, ::step]).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Model jobs: on a few worker threads, never on the event loop
+# --------------------------------------------------------------------------------------------------------
+
+
+class Busy(DataError):
+    """More model jobs are waiting than :data:`MAX_WAITING_JOBS`."""
+
+
+class ModelJobs:
+    """A small pool of worker threads for model work, with a bound on the jobs waiting for it.
+
+    The app's server awaits :meth:`run` from Shiny extended tasks, so that the event loop (every visitor's pages,
+    uploads and outputs) goes on while a model works.
+    """
+
+    def __init__(self, workers: int = MODEL_WORKERS, max_waiting: int = MAX_WAITING_JOBS) -> None:
+        self.workers, self.max_waiting = workers, max_waiting
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cellkit-model")
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    @property
+    def pending(self) -> int:
+        """Jobs submitted and not finished (running or waiting)."""
+        return self._pending
+
+    async def run(self, func: Callable[..., Any], *args: Any) -> Any:
+        """``func(*args)`` on a worker thread, awaited; :class:`Busy` when too many jobs are pending already.
+        Cancelling the await drops a job still waiting for a worker; one already running finishes unseen."""
+        with self._lock:
+            if self._pending >= self.workers + self.max_waiting:
+                raise Busy("the app is busy with other images; try again in a minute")
+            self._pending += 1
+        try:
+            future = self._pool.submit(func, *args)
+        except BaseException:
+            self._finished(None)
+            raise
+        future.add_done_callback(self._finished)
+        return await asyncio.wrap_future(future)
+
+    def _finished(self, future: Future | None) -> None:
+        with self._lock:
+            self._pending -= 1
+
+
+#: The app's model workers, shared by every session.
+MODEL_JOBS = ModelJobs()
+#: The errors a model job reports as one line in its tab: bad images, damaged or unreadable model files, no memory.
+EXPECTED_ERRORS = (DataError, ValueError, OSError, MemoryError)
+
+
+def model_step(upload: Upload, entry: ModelEntry, step: Callable[[Any, np.ndarray], Any]) -> Any:
+    """On a model worker: decode ``upload``, load ``entry``'s model and return ``step(model, image)``; each expected
+    failure (:data:`EXPECTED_ERRORS`) is returned as a one-line message instead."""
+    what = "U-Net" if entry.kind == "unet" else "classifier"
+    try:
+        image = upload.image()
+    except DataError as error:
+        return f"{upload.name}: {error}"
+    try:
+        model = load_model(entry)
+    except EXPECTED_ERRORS as error:
+        return f"the {what} {entry.path.name} cannot be loaded: {first_line(error)}"
+    try:
+        return step(model, image)
+    except EXPECTED_ERRORS as error:
+        return f"cannot use this image with the {what}: {first_line(error)}"
+
+
+async def model_job(upload: Upload | str | None, entry: ModelEntry | str, step: Callable[[Any, np.ndarray], Any],
+                    jobs: ModelJobs = MODEL_JOBS) -> Any:
+    """What a tab shows for an upload and a model choice: None before any upload, a one-line message (a refused
+    upload, no model, a busy app, a failure), or ``step``'s result computed on a model worker (:func:`model_step`)."""
+    if not isinstance(upload, Upload):
+        return upload
+    if isinstance(entry, str):
+        return entry
+    try:
+        return await jobs.run(model_step, upload, entry, step)
+    except Busy as error:
+        return str(error)
+    except Exception as error:  # a bug: one line in the page, the traceback in the server's log
+        logging.getLogger(__name__).error("model job failed", exc_info=error)
+        return f"unexpected error ({type(error).__name__}: {first_line(error)})"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -505,15 +650,36 @@ def build_ui(models_dir: Path) -> Callable[[Any], Any]:
     return page
 
 
-def _status(result: Any, prompt: str, error_id: str, shown: Callable[[Any], list[Any]]) -> Any:
-    """The status box of a tab: the prompt before an upload, the one-line error, or ``shown(result)``."""
+#: What a tab's outcome is while its model job runs (:func:`_outcome`).
+WORKING: Any = object()
+
+
+def _status(result: Any, prompt: str, tab: str, shown: Callable[[Any], list[Any]], working: str) -> Any:
+    """The status box of tab ``tab`` (``cls`` or ``seg``): the prompt before an upload, ``working`` while the model
+    works (id ``<tab>-working``), the one-line error (id ``<tab>-error``), or ``shown(result)``."""
     from shiny import ui
 
     if result is None:
         return ui.p(prompt, class_="text-muted")
+    if result is WORKING:
+        return ui.div(ui.span(class_="spinner-border spinner-border-sm me-2", role="status"), working,
+                      class_="alert alert-info", id=f"{tab}-working")
     if isinstance(result, str):
-        return ui.div(f"Error: {result}", class_="alert alert-danger", role="alert", id=error_id)
+        return ui.div(f"Error: {result}", class_="alert alert-danger", role="alert", id=f"{tab}-error")
     return ui.div(*shown(result), class_="alert alert-success")
+
+
+def _outcome(task: Any) -> Any:
+    """A tab's outcome from its extended task (reactive on its status): None before it first ran, :data:`WORKING`
+    while it runs (or was just cancelled for a newer run, :func:`_restart`), then :func:`model_job`'s result."""
+    status = task.status()
+    if status in ("running", "cancelled"):
+        return WORKING
+    if status == "success":
+        return task.result()
+    if status == "error":  # model_job turns every failure into a message; this is a safety net
+        return f"unexpected error ({first_line(task.error.get())})"
+    return None
 
 
 def build_server(models_dir: Path, figures_dir: Path) -> Callable[..., None]:
@@ -600,23 +766,29 @@ def build_server(models_dir: Path, figures_dir: Path) -> Callable[..., None]:
 
         # --- Classify ----------------------------------------------------------------------------------
         @reactive.calc
-        def cls_image():
-            return _upload_or_error(input.cls_file())
+        def cls_upload() -> Upload | str | None:
+            return _take(input.cls_file())
 
-        @reactive.calc
-        def cls_result():
-            return _with_model(input, "cls_model", cls_image(), models_dir,
-                               lambda model, image: classify_image(model, image, input.cls_transform()))
+        @reactive.extended_task
+        async def cls_task(upload: Upload | str | None, entry: ModelEntry | str, transform: str) -> Any:
+            return await model_job(upload, entry, lambda model, image: classify_image(model, image, transform))
+
+        @reactive.effect
+        def _classify() -> None:
+            _restart(cls_task, cls_upload(), _chosen(input, "cls_model", models_dir), input.cls_transform())
+
+        def cls_result() -> Any:
+            return _outcome(cls_task)
 
         @render.ui
         def cls_status():
             def shown(result: Classification) -> list[Any]:
                 name, p = result.best
                 return [ui.h4(f"Predicted class: {name}", id="cls-class"),
-                        ui.p(f"probability {p:.3f}; transformation: {input.cls_transform()}; "
+                        ui.p(f"probability {p:.3f}; transformation: {result.transform}; "
                              f"{result.seconds * 1000:.0f} ms")]
 
-            return _status(cls_result(), "Upload a cell image to classify it.", "cls-error", shown)
+            return _status(cls_result(), "Upload a cell image to classify it.", "cls", shown, "Classifying...")
 
         @render.plot
         def cls_input():
@@ -625,7 +797,7 @@ def build_server(models_dir: Path, figures_dir: Path) -> Callable[..., None]:
                 return None
             size = result.prepared.shape[0]
             return fitted(image_panels([result.prepared, result.transformed],
-                                       [f"model input ({size}x{size})", f"after {input.cls_transform()}"]))
+                                       [f"model input ({size}x{size})", f"after {result.transform}"]))
 
         @render.plot
         def cls_bars():
@@ -635,12 +807,19 @@ def build_server(models_dir: Path, figures_dir: Path) -> Callable[..., None]:
 
         # --- Segment -----------------------------------------------------------------------------------
         @reactive.calc
-        def seg_image():
-            return _upload_or_error(input.seg_file())
+        def seg_upload() -> Upload | str | None:
+            return _take(input.seg_file())
 
-        @reactive.calc
-        def seg_result():
-            return _with_model(input, "seg_model", seg_image(), models_dir, segment_image)
+        @reactive.extended_task
+        async def seg_task(upload: Upload | str | None, entry: ModelEntry | str) -> Any:
+            return await model_job(upload, entry, segment_image)
+
+        @reactive.effect
+        def _segment() -> None:
+            _restart(seg_task, seg_upload(), _chosen(input, "seg_model", models_dir))
+
+        def seg_result() -> Any:
+            return _outcome(seg_task)
 
         @render.ui
         def seg_status():
@@ -651,7 +830,7 @@ def build_server(models_dir: Path, figures_dir: Path) -> Callable[..., None]:
                         ui.p(f"{w} x {h} pixels{mean}; {result.seconds:.1f} s")]
 
             return _status(seg_result(), "Upload a fluorescence image of nuclei to segment and count them.",
-                           "seg-error", shown)
+                           "seg", shown, "Segmenting... (a large image takes a while; the app stays usable)")
 
         @render.plot
         def seg_overlay():
@@ -673,105 +852,153 @@ def build_server(models_dir: Path, figures_dir: Path) -> Callable[..., None]:
                 if isinstance(seg_result(), Segmentation) else None
 
         @render.download_button(filename="labels.png", media_type="image/png")
-        def seg_labels():
+        async def seg_labels():
             result = seg_result()
-            if isinstance(result, Segmentation):
-                yield inference.encode_labels(result.labels)
+            if isinstance(result, Segmentation):  # encoding 16 Mpx takes a second: not on the event loop
+                yield await asyncio.to_thread(inference.encode_labels, result.labels)
+
+        # a closed page's jobs still waiting for a worker are dropped
+        session.on_ended(cls_task.cancel)
+        session.on_ended(seg_task.cancel)
 
     return server
 
 
-def _upload_or_error(files: list[dict[str, Any]] | None) -> np.ndarray | str | None:
-    """The decoded upload (the first of Shiny's file infos), the one-line reason it was refused (shown in the
-    page), or None before any upload. Called once per upload: the temporary copy is gone afterwards."""
+def _take(files: list[dict[str, Any]] | None) -> Upload | str | None:
+    """The upload (the first of Shiny's file infos) read into memory, the one-line reason it was refused, or None
+    before any upload. Called once per upload: the temporary copy is gone afterwards; decoding waits for a model
+    worker (:meth:`Upload.image`)."""
     if not files:
         return None
     name = files[0].get("name", "the file")
     try:
-        return read_upload(take_upload(files[0]))
+        return Upload(name, take_upload(files[0]))
     except DataError as error:
         return f"{name}: {error}"
     except OSError as error:
         return f"{name}: could not read the upload ({error.strerror or error})"
 
 
-def _with_model(input: Any, select_id: str, image: np.ndarray | str | None, models_dir: Path,
-                step: Callable[[Any, np.ndarray], Any]) -> Any:
-    """``step(model, image)`` with the model chosen in select ``select_id``; passes on None and messages, and
-    turns a missing model or bad input into a one-line message."""
-    if image is None or isinstance(image, str):
-        return image
+def _chosen(input: Any, select_id: str, models_dir: Path) -> ModelEntry | str:
+    """The model chosen in select ``select_id``, or a one-line message when there is none or it is gone."""
     what = "classifier" if select_id == "cls_model" else "U-Net"
     if select_id not in input:
         return f"no {what} found in {models_dir}: {NO_MODELS_HINT}"
     chosen = getattr(input, select_id)()
     entry = next((e for e in find_models(models_dir)[0] if str(e.path) == chosen), None)
-    if entry is None:
-        return f"the model {Path(chosen).name} is gone; reload the page"
-    try:
-        return step(load_model(entry), image)
-    except (DataError, ValueError, MemoryError) as error:
-        return f"cannot use this image with the {what}: {error}"
+    return entry if entry is not None else f"the model {Path(chosen).name} is gone; reload the page"
+
+
+def _restart(task: Any, *args: Any) -> None:
+    """Start ``task`` on new inputs, dropping a run of it on the old ones (its result would be stale)."""
+    task.cancel()
+    task.invoke(*args)
 
 
 class UploadLimit:
-    """ASGI middleware: refuses a request body larger than ``max_bytes`` (413) before it reaches Shiny, which
-    would otherwise write any size to its temporary folder."""
+    """ASGI middleware: refuses a request body larger than ``max_bytes`` with 413 before it reaches Shiny, which
+    would otherwise write any size to its temporary folder: at once when its Content-Length says so, else (a body
+    sent in chunks) as soon as the bytes read pass the limit."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await _too_large(send)
-        seen = 0
+        seen, started = 0, False
 
         async def counted() -> dict:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise DataError(f"request body over {self.max_bytes} bytes")
+                raise TooLarge()  # Starlette (Shiny's routes) answers an HTTPException itself
             return message
 
-        return await self.app(scope, counted, send)
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except TooLarge:
+            if not started:  # an app that let it through, not Starlette
+                await _too_large(send)
+
+
+#: What a refused upload is told (the page's upload bar shows it).
+TOO_LARGE = f"upload too large: the limit is {MAX_UPLOAD_BYTES // 2**20} MiB"
+
+
+class TooLarge(HTTPException):
+    """A request body passed :class:`UploadLimit`'s limit while it was read: Starlette answers it with 413 and
+    :data:`TOO_LARGE`, without a traceback (it is an HTTPException)."""
+
+    def __init__(self) -> None:
+        super().__init__(413, TOO_LARGE)
 
 
 async def _too_large(send: Callable) -> None:
-    body = b"upload too large"
+    body = TOO_LARGE.encode()
     await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(models_dir: str | Path | None = None, figures_dir: str | Path | None = None) -> Any:
+def default_allowed_hosts(host: str) -> list[str]:
+    """The Host header names a server listening on ``host`` answers to: the loopback names (127.0.0.1, localhost,
+    [::1]) on a loopback address, ``host`` itself on another one, any name (``*``) on all addresses (0.0.0.0,
+    ::), where visitors may use any of the machine's names; :func:`serve`'s ``allowed_hosts`` narrows that."""
+    bare = host.strip("[]")
+    if bare in ("", "0.0.0.0", "::"):
+        return ["*"]
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:  # a name
+        return [*LOOPBACK_HOSTS] if bare.lower() == "localhost" else [bare.lower()]
+    name = f"[{address.compressed}]" if address.version == 6 else address.compressed
+    return list(dict.fromkeys([*LOOPBACK_HOSTS, name])) if address.is_loopback else [name]
+
+
+def create_app(models_dir: str | Path | None = None, figures_dir: str | Path | None = None,
+               allowed_hosts: list[str] | None = None) -> Any:
     """The ASGI app: Shiny's app behind :class:`UploadLimit` (a margin of 1 MiB over :data:`MAX_UPLOAD_BYTES`,
-    so that a slightly larger file still reaches the page's own message)."""
+    so that a slightly larger file still reaches the page's own message), behind Starlette's
+    ``TrustedHostMiddleware``: a request whose Host header is not in ``allowed_hosts`` (default: the loopback names,
+    :data:`LOOPBACK_HOSTS`; ``["*"]`` accepts any) gets 400."""
     from shiny import App
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     models_dir = Path(models_dir) if models_dir else config.models_dir()
     figures_dir = Path(figures_dir) if figures_dir else config.figures_dir()
     shiny_app = App(build_ui(models_dir), build_server(models_dir, figures_dir))
-    return UploadLimit(shiny_app, MAX_UPLOAD_BYTES + 2**20)
+    limited = UploadLimit(shiny_app, MAX_UPLOAD_BYTES + 2**20)
+    return TrustedHostMiddleware(limited, allowed_hosts=list(allowed_hosts or LOOPBACK_HOSTS), www_redirect=False)
 
 
 def serve(models_dir: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
-          figures_dir: str | Path | None = None) -> None:
+          figures_dir: str | Path | None = None, allowed_hosts: list[str] | None = None) -> None:
     """Run the app with uvicorn until interrupted. Keras is imported first, so that the first upload does not
-    wait for it."""
+    wait for it. ``allowed_hosts``: the Host names to answer (default: :func:`default_allowed_hosts` of ``host``),
+    e.g. ``["cells.example.org"]`` for ``host="0.0.0.0"``."""
     import uvicorn
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras  # noqa: F401 - warm-up import: several seconds on a small CPU
 
-    app = create_app(models_dir, figures_dir)
+    allowed = list(allowed_hosts or default_allowed_hosts(host))
+    app = create_app(models_dir, figures_dir, allowed)
     print(f"cellkit app on http://{host}:{port} (models: {Path(models_dir or config.models_dir())})", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: listening on {host}: other machines that reach it can use the app and upload images",
-              flush=True)
+        names = "any host name" if "*" in allowed else ", ".join(allowed)
+        print(f"note: listening on {host}: other machines that reach it can use the app and upload images; it "
+              f"answers requests for {names}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

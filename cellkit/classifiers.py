@@ -602,12 +602,13 @@ def predict_proba(model: Any, images: np.ndarray, preprocessing: str = "pm1", tt
 def outputs_of(model: Any, images: np.ndarray, preprocessing: str | None, batch_size: int = 32) -> np.ndarray:
     """``model``'s float32 outputs for uint8 ``images`` (scaled with ``preprocessing``, :data:`PREPROCESSING`) or
     for float arrays (``preprocessing=None``), batch by batch, so that only one batch is scaled at a time; no
-    progress bar and none of ``model.predict``'s per-call overhead."""
+    progress bar and none of ``model.predict``'s per-call overhead. NaN or infinite outputs are a one-line
+    DataError (:func:`cellkit.runtime.finite_outputs`)."""
     out = []
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size]
         x = preprocess(x, preprocessing) if preprocessing else x
-        out.append(np.asarray(model(x, training=False)).astype(np.float32))
+        out.append(runtime.finite_outputs(model(x, training=False)))
     return np.concatenate(out) if out else np.zeros((0, *model.output_shape[1:]), np.float32)
 
 

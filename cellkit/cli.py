@@ -10,6 +10,7 @@ cellkit evaluate classifier --model models/cellnet.keras --data pbc28 --json sco
 cellkit classify --model models/cellnet.keras my_cells/ --csv predictions.csv
 cellkit train unet --data dsb2018 --classes 3 --out models/unet.keras
 cellkit segment --model models/unet.keras --input my_images/ --out masks/ --overlay
+cellkit segment --resume --out masks/
 cellkit evaluate segmentation --pred masks/ --gt my_labels/ --json scores.json
 cellkit app --models models/
 """
@@ -17,9 +18,15 @@ cellkit app --models models/
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+from cellkit import outputs
 
 EXIT_BAD_INPUT = 2
 
@@ -127,13 +134,55 @@ def _progress_mode(args: argparse.Namespace) -> str:
     return "bar" if sys.stderr.isatty() else "epoch"
 
 
-def _check_output(out: Path, inputs: Sequence[str]) -> None:
-    """Refuse to write over input data."""
-    resolved = out.resolve()
-    for item in inputs:
-        source = Path(item).resolve()
-        if resolved == source or (source.is_dir() and source in resolved.parents):
-            raise ValueError(f"{out}: refusing to write inside the input data {item}; choose another --out")
+def _check_model_out(out: Path, overwrite: bool, inputs: Sequence[str]) -> None:
+    """Check a model file to be written, and the JSON beside it, before training (:func:`outputs.check_file`)."""
+    from cellkit import saving
+
+    if out.suffix != ".keras":
+        raise ValueError(f"{out}: the model file must end in .keras")
+    outputs.check_file(out, "--out", overwrite, inputs)
+    record = saving.sidecar_path(out)
+    if record.exists() and not overwrite and not record.is_dir():
+        raise outputs.OutputError(f"{record}: the record that goes beside {out.name} already exists; pass "
+                                  "--overwrite to replace both, or choose another --out")
+    outputs.check_file(record, "--out", overwrite, inputs)
+
+
+def _save_model(run: Any, out: Path) -> Path:
+    """Save a trained run's model and its JSON under temporary names, then rename both into place (model first):
+    an interrupted save leaves the previous files, not half a model."""
+    from cellkit import saving
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = outputs.temporary_name(out, keep_suffix=True)
+    try:
+        run.save(temp)
+        os.replace(temp, out)
+        os.replace(saving.sidecar_path(temp), saving.sidecar_path(out))
+    finally:
+        temp.unlink(missing_ok=True)
+        saving.sidecar_path(temp).unlink(missing_ok=True)
+    return out
+
+
+def _write_json(out: Path, report: dict[str, Any]) -> None:
+    """Write a report as indented JSON through a temporary name and say where."""
+    from cellkit import config
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    outputs.write_text(out, config.to_json(report))
+    print(f"wrote {out}")
+
+
+def _skip_warner(failed: list[Path]) -> Callable[[Path, str], None]:
+    """An ``on_error(path, message)`` that prints one warning line per skipped file and remembers the file."""
+
+    def warn(path: Path, message: str) -> None:
+        failed.append(path)
+        reason = message if message.startswith(str(path)) else f"{path}: {message}"
+        print(f"warning: skipped {reason}", file=sys.stderr, flush=True)
+
+    return warn
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
@@ -143,9 +192,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
     size = args.size or entry.input_size
     entry.check_size(size)
     out = Path(args.out) if args.out else config.models_dir() / f"{entry.name}.keras"
-    if out.suffix != ".keras":
-        raise ValueError(f"{out}: the model file must end in .keras")
-    _check_output(out, [args.data])
+    _check_model_out(out, args.overwrite, [args.data])  # before the training, so that no work is lost
     from cellkit import datasets, runtime, training
 
     data = datasets.load_training_data(args.data, size, args.crop, args.seed)
@@ -163,7 +210,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
                                     config=fit_config, precision=args.precision, seed=args.seed,
                                     progress=_progress_mode(args))
     run.data["split"] = data.split
-    path = run.save(out)
+    path = _save_model(run, out)
     summary = run.summary()
     print(f"trained in {summary['train_seconds']:.0f} s ({summary['epochs_run']} epochs, best {summary['best_epoch']}, "
           f"{summary['precision']}), peak memory {summary['peak_rss_mb']:.0f} MiB, "
@@ -176,67 +223,70 @@ def _train_classifier(args: argparse.Namespace) -> int:
 
 
 def _evaluate_classifier(args: argparse.Namespace) -> int:
-    import json
-
     from cellkit import classifiers, datasets, saving
 
     saving.check_model_file(args.model, "cellkit train classifier")
+    out = outputs.check_file(args.json, "--json", args.overwrite, [args.data, args.model]) if args.json else None
     info = classifiers.read_info(args.model)
-    # the labels are checked before Keras loads
-    data = datasets.load_evaluation_data(args.data, info.class_names, info.input_size, info.crop, args.split)
+    # the labels are checked before Keras loads; in a folder an unreadable image is skipped, as classify does
+    failed: list[Path] = []
+    data = datasets.load_evaluation_data(args.data, info.class_names, info.input_size, info.crop, args.split,
+                                         on_error=_skip_warner(failed))
     from cellkit import training
 
     trained = classifiers.load(args.model)
     images = trained.prepare(data.images)
     report = training.evaluate(trained, images, data.labels, args.tta)
-    report.update({"model": str(args.model), "data": str(args.data)})
+    report.update({"model": str(args.model), "data": str(args.data), "n_unreadable": len(failed),
+                   "unreadable": [str(path) for path in failed]})
     print(f"{args.data}: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, "
           f"AUC {report.get('auc_ovr') or float('nan'):.4f} on {report['n']} images "
           f"(test-time augmentation: {report['tta']})")
     for name, scores in report["per_class"].items():
         print(f"  {name:<16} precision {scores['precision']:.3f}  recall {scores['recall']:.3f}  "
               f"F1 {scores['f1']:.3f}  n {scores['support']}")
-    if args.json:
-        out = Path(args.json)
-        _check_output(out, [args.data, args.model])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out}")
+    if out is not None:
+        _write_json(out, report)
+    if failed:
+        print(f"error: {len(failed)} of {len(failed) + report['n']} files could not be read and were left out",
+              file=sys.stderr)
+        return 1
     return 0
 
 
 def _classify(args: argparse.Namespace) -> int:
     from cellkit import classifiers, inference
+    from cellkit.datasets import DataError
+    from cellkit.runtime import NonFiniteOutputs
 
     files = inference.image_files(args.path)
-    if args.csv:
-        _check_output(Path(args.csv), [args.path, args.model])
+    out = outputs.check_file(args.csv, "--csv", args.overwrite, [args.path, args.model]) if args.csv else None
     trained = classifiers.load(args.model)
     failed: list[Path] = []
-
-    def warn(path: Path, message: str) -> None:
-        failed.append(path)
-        reason = message if message.startswith(str(path)) else f"{path}: {message}"
-        print(f"warning: skipped {reason}", file=sys.stderr, flush=True)
-
-    rows = inference.classify_files(trained, files, tta=args.tta, on_error=warn)
+    try:
+        rows = inference.classify_files(trained, files, tta=args.tta, on_error=_skip_warner(failed))
+    except NonFiniteOutputs as error:  # the model's fault, not an image's: name the model
+        raise DataError(f"{args.model}: {error}") from None
     width = max((len(r["file"]) for r in rows), default=4)
     if rows:
         print(f"{'file':<{width}}  {'class':<16} probability")
     for row in rows:
         print(f"{row['file']:<{width}}  {row['class']:<16} {row['probability']:.3f}")
-    if args.csv:
+    if out is not None:
         import pandas as pd
 
-        out = Path(args.csv)
         out.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(rows, columns=["file", "class", "probability", *(f"p_{n}" for n in trained.class_names)]
-                     ).to_csv(out, index=False)
+        table = pd.DataFrame(rows, columns=["file", "class", "probability", *(f"p_{n}" for n in trained.class_names)])
+        outputs.write_text(out, table.to_csv(index=False))
         print(f"wrote {out}")
     if failed:
         print(f"error: {len(failed)} of {len(files)} files could not be read", file=sys.stderr)
         return 1
     return 0
+
+
+def _add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true", help=f"{what} (default: refuse, before any work)")
 
 
 def _add_training_run_options(parser: argparse.ArgumentParser, seed_help: str, default_out: str) -> None:
@@ -245,7 +295,9 @@ def _add_training_run_options(parser: argparse.ArgumentParser, seed_help: str, d
                         help="auto: mixed bfloat16 where the CPU supports it (saved models are float32 anyway)")
     parser.add_argument("--threads", type=int, help="threads inside TensorFlow ops (default: all CPUs)")
     parser.add_argument("--seed", type=int, default=42, help=seed_help)
-    parser.add_argument("--out", metavar="FILE.keras", help=f"model file (default: {default_out})")
+    parser.add_argument("--out", metavar="FILE.keras", help=f"model file (default: {default_out}); checked before "
+                                                            "the training starts")
+    _add_overwrite(parser, "replace an existing model file and its JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -293,7 +345,8 @@ def _add_evaluate_classifier(evaluate_commands: argparse._SubParsersAction) -> N
                         help="which split of a MedMNIST-style npz (default: test)")
     parser.add_argument("--tta", choices=("none", "flips", "dihedral"), help="override the model's test-time "
                                                                              "augmentation")
-    parser.add_argument("--json", metavar="OUT", help="write the full report as JSON")
+    parser.add_argument("--json", metavar="OUT", help="write the full report as JSON (checked before the work)")
+    _add_overwrite(parser, "replace an existing --json file")
 
 
 def _add_classify(commands: argparse._SubParsersAction) -> None:
@@ -306,7 +359,9 @@ def _add_classify(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, metavar="FILE.keras", help="a model from cellkit train classifier")
     parser.add_argument("--tta", choices=("none", "flips", "dihedral"), help="override the model's test-time "
                                                                              "augmentation")
-    parser.add_argument("--csv", metavar="OUT", help="write file, class, probability and p_<class> columns")
+    parser.add_argument("--csv", metavar="OUT", help="write file, class, probability and p_<class> columns (checked "
+                                                     "before the work)")
+    _add_overwrite(parser, "replace an existing --csv file")
 
 
 # --- cellkit train unet, evaluate segmentation, segment ----------------------------------------------
@@ -316,9 +371,7 @@ def _train_unet(args: argparse.Namespace) -> int:
     from cellkit import config
 
     out = Path(args.out) if args.out else config.models_dir() / "unet.keras"
-    if out.suffix != ".keras":
-        raise ValueError(f"{out}: the model file must end in .keras")
-    _check_output(out, [args.data])
+    _check_model_out(out, args.overwrite, [args.data])  # before the training, so that no work is lost
     from cellkit import datasets, runtime, unet
 
     overrides = {"n_classes": {2: 1, 3: 3}[args.classes], "epochs": args.epochs, "base_filters": args.base_filters,
@@ -335,7 +388,7 @@ def _train_unet(args: argparse.Namespace) -> int:
     run = unet.train_unet(data.train, data.val, data.test, config=unet_config, precision=args.precision,
                           seed=args.seed, progress=_progress_mode(args))
     run.data["split"] = data.split
-    path = run.save(out)
+    path = _save_model(run, out)
     s = run.summary()
     print(f"trained in {s['train_minutes']:.1f} min ({s['epochs_run']} epochs, best {s['best_epoch']}, "
           f"{s['precision']}), peak memory {s['peak_rss_mb']:.0f} MiB; inference {s['mpx_per_s']:.2f} Mpx/s")
@@ -348,67 +401,138 @@ def _train_unet(args: argparse.Namespace) -> int:
 
 
 def _evaluate_segmentation(args: argparse.Namespace) -> int:
-    import json
-
     from cellkit import metrics
 
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    if args.json:
-        _check_output(Path(args.json), [args.pred, args.gt])
-    report = metrics.evaluate_label_folders(args.pred, args.gt, on_warning=warn)
+    out = outputs.check_file(args.json, "--json", args.overwrite, [args.pred, args.gt]) if args.json else None
+    report = metrics.evaluate_label_folders(args.pred, args.gt, on_warning=warn, skip_missing=args.skip_missing)
     report.update({"pred": str(args.pred), "gt": str(args.gt)})
-    print(f"{report['n_images']} images, {report['n_gt']} reference and {report['n_pred']} predicted objects")
+    missing = f"; {report['n_missing']} without a prediction {report['missing']}" if report["n_missing"] else ""
+    print(f"{report['n_images']} images, {report['n_gt']} reference and {report['n_pred']} predicted objects{missing}")
     print(f"IoU 0.5: precision {report['precision']:.4f}, recall {report['recall']:.4f}, F1 {report['f1']:.4f}, "
           f"AP {report['ap']:.4f}, PQ {report['pq']:.4f};  SEG {report['seg']:.4f}")
     print("IoU   " + "  ".join(f"{row['thresh']:.2f}" for row in report["iou_sweep"]))
     print("F1    " + "  ".join(f"{row['f1']:.2f}" for row in report["iou_sweep"]))
     print(f"pixel Dice {report['pixel']['dice']:.4f}, object Dice (report 003) {report['object']['dice']:.4f}")
-    if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out}")
+    if out is not None:
+        _write_json(out, report)
     return 0
 
 
-def _segment(args: argparse.Namespace) -> int:
-    from cellkit import inference, unet
+def _segment_settings(args: argparse.Namespace, out: Path) -> argparse.Namespace:
+    """Model, input and options of a ``segment`` run: from the command line, or with ``--resume`` from the manifest
+    of ``out`` for whatever the command line leaves out. ``tile`` stays None for the model's own."""
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite starts it afresh; give one of them")
+    if not args.resume:
+        if not args.model or not args.input:
+            raise ValueError("segment needs --model and --input (or --resume --out DIR to continue a run there)")
+        return argparse.Namespace(model=args.model, input=args.input, tile=args.tile, flips=bool(args.flips),
+                                  overlay=bool(args.overlay), precision=args.precision or "auto")
+    header = outputs.read_header(out)
+    if header is None or header.get("kind") != "segment":
+        raise ValueError(f"{out}: no cellkit segment run to resume (no {outputs.MANIFEST}); run the whole command, "
+                         "e.g. cellkit segment --model M.keras --input DIR --out DIR")
+    options = header.get("options") or {}
+    recorded_tile = options.get("tile")
+    return argparse.Namespace(
+        model=args.model or header.get("model"), input=args.input or header.get("input"),
+        tile=args.tile if args.tile is not None else (0 if recorded_tile is None else recorded_tile),
+        flips=bool(options.get("flips")) if args.flips is None else args.flips,
+        overlay=bool(options.get("overlay")) if args.overlay is None else args.overlay,
+        precision=args.precision or options.get("precision") or "auto")
 
-    source = Path(args.input)
-    files = inference.image_files(source)
+
+def _segment_command(settings: argparse.Namespace, out: Path) -> str:
+    """The command line that makes a run, for its manifest (to read, and to rerun by hand)."""
+    words = ["cellkit", "segment", "--model", str(settings.model), "--input", str(settings.input), "--out", str(out)]
+    words += ["--overlay"] * settings.overlay + ["--flips"] * settings.flips
+    words += ["--precision", settings.precision] + (["--tile", str(settings.tile)] if settings.tile is not None else [])
+    return shlex.join(words)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Let ``kill``, ``timeout`` and batch schedulers (SIGTERM) stop a long run as Ctrl-C does, so that it ends
+    marked unfinished with its counts written, rather than dying on the spot."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _done_before(run: outputs.RunFolder, path: Path, root: Path | None) -> bool:
+    """Whether input ``path`` was segmented into ``run``'s folder before, unchanged since (it is skipped)."""
+    from cellkit import inference
+
+    try:
+        return run.finished_entry(inference.relative_input(path, root), path.stat()) is not None
+    except OSError:
+        return False
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from cellkit import inference, runtime, saving, unet
+
     out = Path(args.out)
+    settings = _segment_settings(args, out)
+    source = Path(settings.input)
+    files = inference.image_files(source)
     folder = source if source.is_dir() else source.parent
+    root = source if source.is_dir() else None
     if out.resolve() == folder.resolve() or (source.is_dir() and folder.resolve() in out.resolve().parents):
         raise ValueError(f"{out}: refusing to write into the input folder {folder}; choose another --out")
-    _check_output(out, [args.input, args.model])
-    trained = unet.load_unet(args.model, precision=args.precision)
-    trained.flips = args.flips
-    tile = "auto" if args.tile is None else (None if args.tile == 0 else args.tile)
+    outputs.check_not_inside(out, [settings.input, settings.model])
+    outputs.check_unique(inference.output_names(files, root, settings.overlay), out)
+    model = saving.check_model_file(settings.model, "cellkit train unet")
+    tile = unet.read_unet_config(model).tile if settings.tile is None else (settings.tile or None)
+    precision = runtime.resolve_precision(settings.precision)
+    resume = shlex.join(["cellkit", "segment", "--resume", "--out", str(out)])
+    header = inference.segment_header(outputs.sha256_file(model), source, tile, settings.flips, precision,
+                                      settings.overlay, command=_segment_command(settings, out),
+                                      model=str(model.resolve()), resume=resume)
+    outputs.RunFolder.check(out, header, args.overwrite)  # before the model loads: a refusal costs nothing
+    trained = unet.load_unet(model, precision=precision)
+    trained.flips = settings.flips
     failed: list[Path] = []
-
-    def warn(path: Path, message: str) -> None:
-        failed.append(path)
-        reason = message if message.startswith(str(path)) else f"{path}: {message}"
-        print(f"warning: skipped {reason}", file=sys.stderr, flush=True)
-
-    out.mkdir(parents=True, exist_ok=True)
-    rows = inference.segment_files(trained, files, out, root=source if source.is_dir() else None,
-                                   overlay=args.overlay, tile=tile, progress=not args.quiet, on_error=warn)
-    import pandas as pd
-
-    table = pd.DataFrame(rows, columns=["file", "n_nuclei", "mean_area_px", "height", "width", "labels"])
-    if source.is_dir():
-        table["file"] = [str(Path(f).relative_to(source)) for f in table["file"]]
-    else:
-        table["file"] = [Path(f).name for f in table["file"]]
-    table[["file", "n_nuclei", "mean_area_px"]].to_csv(out / "counts.csv", index=False)
-    total = int(table["n_nuclei"].sum()) if len(table) else 0
-    print(f"segmented {len(rows)} of {len(files)} images: {total} nuclei; label images (16-bit PNG) and "
-          f"counts.csv in {out}")
+    with _sigterm_as_interrupt():
+        run = outputs.RunFolder.open(out, header, args.overwrite)
+        done_before = sum(_done_before(run, path, root) for path in files)
+        if done_before:
+            print(f"continuing the run in {out}: {done_before} of {len(files)} images were done before", flush=True)
+        try:
+            rows = inference.segment_files(trained, files, out, root=root, overlay=settings.overlay, tile=tile,
+                                           progress=not args.quiet, on_error=_skip_warner(failed), run=run)
+        except KeyboardInterrupt:
+            done = sum(_done_before(run, path, root) for path in files)
+            print(f"interrupted: {done} of {len(files)} images done, listed in {out / outputs.COUNTS}; the run is "
+                  f"marked unfinished in {out / outputs.MANIFEST}; resume with `{resume}` (or the same command)",
+                  file=sys.stderr)
+            return 130
+        except (ValueError, OSError) as error:  # DataError and OutputError included: one line from main
+            done = sum(_done_before(run, path, root) for path in files)
+            where = f"{settings.model}: " if isinstance(error, runtime.NonFiniteOutputs) else ""  # the model's fault
+            raise ValueError(f"{where}{_one_line(error)} ({done} of {len(files)} images done are kept; after the fix, "
+                             f"resume with `{resume}`)") from None
+    total = sum(row["n_nuclei"] for row in rows)
+    print(f"segmented {len(rows) - done_before} of {len(files)} images ({done_before} done before, skipped): "
+          f"{total} nuclei in all; label images (16-bit PNG) and counts.csv in {out}")
     if failed:
-        print(f"error: {len(failed)} of {len(files)} files could not be segmented", file=sys.stderr)
+        print(f"error: {len(failed)} of {len(files)} files could not be segmented; fix or remove them and rerun "
+              "the same command to do just those", file=sys.stderr)
         return 1
     return 0
 
@@ -447,7 +571,11 @@ def _add_evaluate_segmentation(evaluate_commands: argparse._SubParsersAction) ->
     parser.add_argument("--pred", required=True, metavar="DIR", help="predicted label images (e.g. cellkit segment)")
     parser.add_argument("--gt", required=True, metavar="DIR",
                         help="reference label images, or a dataset folder with labels/ (or masks/)")
-    parser.add_argument("--json", metavar="OUT", help="write every score as JSON")
+    parser.add_argument("--skip-missing", action="store_true",
+                        help="leave out reference images without a prediction (default: they count as empty "
+                             "predictions, every nucleus missed, and the report says how many)")
+    parser.add_argument("--json", metavar="OUT", help="write every score as JSON (checked before the work)")
+    _add_overwrite(parser, "replace an existing --json file")
 
 
 def _add_segment(commands: argparse._SubParsersAction) -> None:
@@ -455,20 +583,33 @@ def _add_segment(commands: argparse._SubParsersAction) -> None:
         commands, "segment", _segment,
         "segment nuclei in an image or a folder (PNG, TIFF 8/16-bit, JPEG; grey or RGB; any size): a 16-bit "
         "label PNG per image and counts.csv",
-        "cellkit segment --model models/unet.keras --input my_images/ --out masks/ --overlay",
+        "cellkit segment --model models/unet.keras --input my_images/ --out masks/ --overlay\n"
+        "  cellkit segment --resume --out masks/      # after an interruption: the images not done yet",
     )
-    parser.add_argument("--model", required=True, metavar="FILE.keras", help="a model from cellkit train unet")
-    parser.add_argument("--input", required=True, metavar="FILE_OR_DIR",
-                        help="an image, or a folder searched recursively (subfolders are kept in --out)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (never inside the input folder)")
-    parser.add_argument("--overlay", action="store_true", help="also write STEM_overlay.png with outlines")
-    parser.add_argument("--flips", action="store_true",
+    parser.add_argument("--model", metavar="FILE.keras", help="a model from cellkit train unet (required, unless "
+                                                                  "--resume)")
+    parser.add_argument("--input", metavar="FILE_OR_DIR",
+                        help="an image, or a folder searched recursively (subfolders are kept in --out; required, "
+                             "unless --resume)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help=f"output folder: new, empty, or one cellkit segment wrote (its {outputs.MANIFEST} lists "
+                             "what is done; the same command there again skips those); never inside the input")
+    parser.add_argument("--overlay", action="store_true", default=None,
+                        help="also write STEM_overlay.png with outlines")
+    parser.add_argument("--flips", action="store_true", default=None,
                         help="average the predictions of the image and its three flips (4x slower, slightly better)")
     parser.add_argument("--tile", type=int, metavar="PX",
                         help="tile side for large images, a multiple of 16 (default: the model's, 512; 0: whole "
                              "images, refused beyond 4 Mpx)")
-    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
-                        help="auto (the app's too): mixed bfloat16 where the CPU supports it (about twice as fast)")
+    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"),
+                        help="auto (the default, and the app's): mixed bfloat16 where the CPU supports it (about "
+                             "twice as fast)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the unfinished run in --out with its model, input and options (those given "
+                             "here must match them)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a folder cellkit did not write, or of another model, input or options, "
+                             "starting afresh: files of the names this run writes are replaced, nothing is deleted")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -483,7 +624,7 @@ def _app(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     from cellkit import app
 
-    app.serve(models_dir, host=args.host, port=args.port)
+    app.serve(models_dir, host=args.host, port=args.port, allowed_hosts=args.allowed_host)
     return 0
 
 
@@ -497,6 +638,10 @@ def _add_app(commands: argparse._SubParsersAction) -> None:
                         help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     parser.add_argument("--models", metavar="DIR", help="folder of .keras models (default: the project's models/)")
+    parser.add_argument("--allowed-host", action="append", metavar="NAME",
+                        help="a host name visitors may use to reach the app (repeat for several); requests naming "
+                             "another are refused (default: the loopback names on 127.0.0.1, the --host address "
+                             "otherwise, any name with --host 0.0.0.0)")
 
 
 # --- the parser --------------------------------------------------------------------------------------
@@ -568,6 +713,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """An error as one line: ``path: reason`` for an OSError from the system, else its first line."""
+    if isinstance(error, OSError) and error.strerror:
+        where = error.filename or ""
+        return f"{where}: {error.strerror}" if where else error.strerror
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cellkit`` console script; returns the exit status."""
     from cellkit.datasets import DataError
@@ -577,8 +731,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
-    except (DataError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (DataError, ValueError, OSError) as error:  # OSError: a file or folder that cannot be read or written
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,14 +11,18 @@ Label images are 16-bit PNGs (0 background, one id per nucleus): :func:`write_la
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from cellkit import classifiers, plots, runtime, saving, unet
+from cellkit import classifiers, outputs, plots, runtime, saving, unet
 from cellkit.datasets import DataError, read_image, to_grey
 from cellkit.datasets.loaders import IMAGE_SUFFIXES
 
@@ -26,6 +30,8 @@ from cellkit.datasets.loaders import IMAGE_SUFFIXES
 #: native instructions for it (about twice as fast at the same accuracy: the default U-Net's test F1 0.8988 and SEG
 #: 0.7806 in float32, 0.8990 and 0.7804 in bfloat16; docs/unet_default_model.md), float32 elsewhere.
 DEFAULT_PRECISION = "auto"
+#: What makes one input fail without stopping the others: unreadable, too large, too many objects, out of memory.
+SKIPPABLE = (DataError, ValueError, OSError, MemoryError, Image.DecompressionBombError)
 
 
 def load_model(path: str | Path, precision: str = DEFAULT_PRECISION) -> classifiers.TrainedModel | unet.TrainedUNet:
@@ -68,9 +74,9 @@ def classify_files(trained: classifiers.TrainedModel, files: Sequence[Path], tta
             try:
                 batch.append(trained.prepare([read_image(path)])[0])
                 kept.append(path)
-            except (DataError, ValueError, OSError) as error:
+            except SKIPPABLE as error:  # e.g. a 225-megapixel image: the others' results are kept
                 if on_error is not None:
-                    on_error(path, str(error))
+                    on_error(path, _first_line(error))
         if not batch:
             continue
         proba = trained.predict_proba(np.stack(batch), tta)
@@ -96,39 +102,118 @@ def encode_labels(labels: np.ndarray) -> bytes:
 
 
 def write_labels(labels: np.ndarray, path: str | Path) -> Path:
-    """Write an instance image as a 16-bit PNG (:func:`encode_labels`); a DataError naming ``path`` if it cannot."""
+    """Write an instance image as a 16-bit PNG (:func:`encode_labels`) through a temporary name
+    (:func:`cellkit.outputs.write_bytes`); a DataError naming ``path`` if it cannot be encoded."""
     path = Path(path)
     try:
         data = encode_labels(labels)
     except DataError as error:
         raise DataError(f"{path}: {error}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
+    return outputs.write_bytes(path, data)
 
 
 def _overlay_png(image: np.ndarray, labels: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
+    """Outlines of ``labels`` on ``image`` as an 8-bit RGB PNG at ``path`` (through a temporary name)."""
     rgb = plots.overlay_instances(to_grey(image) if image.ndim == 3 else image, labels)
-    Image.fromarray(np.rint(np.clip(rgb, 0, 1) * 255).astype(np.uint8)).save(path)
+    buffer = io.BytesIO()
+    Image.fromarray(np.rint(np.clip(rgb, 0, 1) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    outputs.write_bytes(path, buffer.getvalue())
+
+
+def relative_input(path: Path, root: Path | None) -> str:
+    """How an input is named in a run's manifest and counts.csv: its path under folder ``root`` (POSIX
+    separators), or its file name when there is no root."""
+    return path.relative_to(root).as_posix() if root is not None else path.name
+
+
+def output_names(files: Sequence[Path], root: Path | None = None, overlay: bool = False
+                 ) -> dict[Path, tuple[Path, ...]]:
+    """The files :func:`segment_files` writes for each input, relative to the output folder: ``STEM.png`` (and
+    ``STEM_overlay.png``) in the input's subfolder under ``root`` (none without a root)."""
+    names = {}
+    for path in files:
+        folder = path.relative_to(root).parent if root is not None else Path()
+        names[path] = (folder / f"{path.stem}.png", *((folder / f"{path.stem}_overlay.png",) if overlay else ()))
+    return names
+
+
+def segment_header(model_sha256: str, input_path: Path | None, tile: int | None, flips: bool, precision: str,
+                   overlay: bool, **description: Any) -> dict[str, Any]:
+    """The manifest header of a segmentation run (:class:`cellkit.outputs.RunFolder`): what makes its results, the
+    model's checksum, the input (absolute) and the options that change them (``tile`` side in pixels or None for
+    whole images, ``flips``, the ``precision`` computed in, ``overlay``), plus ``description`` (``command``,
+    ``model``, ``resume``: for people)."""
+    from cellkit import __version__
+
+    return {"kind": "segment", "cellkit_version": __version__, **description, "model_sha256": model_sha256,
+            "input": str(input_path.resolve()) if input_path is not None else None,
+            "options": {"tile": tile, "flips": bool(flips), "precision": precision, "overlay": bool(overlay)}}
+
+
+def _weights_sha256(trained: unet.TrainedUNet) -> str:
+    """A checksum of a network's weights (for runs of a model that did not come from a file)."""
+    digest = hashlib.sha256()
+    for weights in trained.model.get_weights():
+        digest.update(np.ascontiguousarray(weights).tobytes())
+    return "weights:" + digest.hexdigest()
 
 
 def segment_files(trained: unet.TrainedUNet, files: Sequence[Path], out_dir: str | Path, root: Path | None = None,
                   overlay: bool = False, tile: int | None | str = "auto", progress: bool = True,
-                  on_error: Callable[[Path, str], None] | None = None) -> list[dict[str, Any]]:
+                  on_error: Callable[[Path, str], None] | None = None, run: outputs.RunFolder | None = None,
+                  overwrite: bool = False) -> list[dict[str, Any]]:
     """Segment each file and write ``<out_dir>/<stem>.png`` (uint16 instance ids; 0 is background), with
     ``<stem>_overlay.png`` when ``overlay``. Files found under folder ``root`` keep their subfolders in
-    ``out_dir``, so that equal stems in different subfolders do not collide.
+    ``out_dir``, so that equal stems in different subfolders do not collide; two inputs that would still write one
+    name (``a.png`` and ``a.tif``) are a one-line OutputError before any work.
 
-    Returns one row per segmented file: ``file``, ``labels`` (the written path), ``n_nuclei``, ``mean_area_px``
-    (0 when none), ``height``, ``width``. A file that cannot be read or segmented is skipped and reported to
-    ``on_error(path, message)``. Reading and preparing the next file, and finding and writing the previous one's
-    nuclei, run on worker threads while the network works (:func:`cellkit.runtime.overlapped`).
+    ``out_dir`` is a run folder (:class:`cellkit.outputs.RunFolder`; ``run``, or opened here with ``overwrite``):
+    each finished input is recorded in its manifest as it finishes, inputs it already holds (same model, options and
+    unchanged file) are skipped, ``counts.csv`` is written from the manifest at the end, and an interruption
+    (Ctrl-C, an error) leaves the run marked unfinished with its counts written before the exception goes on.
+    Every file goes to a temporary name first and is renamed into place.
+
+    Returns one row per segmented or already-done file: ``file``, ``labels`` (the written path), ``n_nuclei``,
+    ``mean_area_px`` (0 when none), ``height``, ``width``. A file that cannot be read or segmented is skipped and
+    reported to ``on_error(path, message)``; a file that cannot be written stops the run (OutputError). Reading and
+    preparing the next file, and finding and writing the previous one's nuclei, run on worker threads while the
+    network works (:func:`cellkit.runtime.overlapped`).
     """
-    from PIL import Image
-
     out_dir = Path(out_dir)
+    names = output_names(files, root, overlay)
+    outputs.check_unique(names, out_dir)
+    if run is None:
+        tile_used = trained.config.tile if tile == "auto" else tile
+        run = outputs.RunFolder.open(out_dir, segment_header(
+            _weights_sha256(trained), root, tile_used, trained.flips, runtime.compute_precision(trained.model),
+            overlay, command="cellkit.inference.segment_files"), overwrite)
+    rows: list[dict[str, Any]] = []
+    todo = []
+    for path in files:
+        try:
+            entry = run.finished_entry(relative_input(path, root), path.stat())
+        except OSError:  # gone since it was listed: reading it says so
+            entry = None
+        if entry is None:
+            todo.append(path)
+        else:
+            rows.append(_row(path, out_dir, entry))
+    failed: dict[str, str] = {}
+    try:
+        rows += _segment_todo(trained, todo, out_dir, names, root, run, tile, progress, on_error, failed)
+    except BaseException as error:
+        run.stop("interrupted" if isinstance(error, KeyboardInterrupt) else f"failed: {_first_line(error)}",
+                 failed)
+        raise
+    run.finish(failed)
+    return rows
+
+
+def _segment_todo(trained: unet.TrainedUNet, files: Sequence[Path], out_dir: Path,
+                  names: dict[Path, tuple[Path, ...]], root: Path | None, run: outputs.RunFolder,
+                  tile: int | None | str, progress: bool, on_error: Callable[[Path, str], None] | None,
+                  failed: dict[str, str]) -> list[dict[str, Any]]:
+    """The work of :func:`segment_files` on the inputs not done yet; skipped ones are added to ``failed``."""
     rows: list[dict[str, Any]] = []
     bar = None
     if progress:
@@ -136,34 +221,46 @@ def segment_files(trained: unet.TrainedUNet, files: Sequence[Path], out_dir: str
 
         bar = tqdm(total=len(files), desc="segmenting", unit="image", file=sys.stderr, dynamic_ncols=True)
 
-    def read_and_prepare(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    def read_and_prepare(path: Path) -> tuple[os.stat_result, np.ndarray, np.ndarray]:
+        stat = path.stat()  # before reading: a file changed meanwhile is redone by the next run
         image = read_image(path)
-        return image, trained.prepare(image)
+        return stat, image, trained.prepare(image)
 
-    def predict(prepared: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        image, stack = prepared
-        return image, trained.predict_stack(stack, tile)
+    def predict(prepared: tuple[os.stat_result, np.ndarray, np.ndarray]
+                ) -> tuple[os.stat_result, np.ndarray, np.ndarray]:
+        stat, image, stack = prepared
+        return stat, image, trained.predict_stack(stack, tile)
 
-    def write(path: Path, predicted: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
-        image, prediction = predicted
+    def write(path: Path, predicted: tuple[os.stat_result, np.ndarray, np.ndarray]) -> dict[str, Any]:
+        stat, image, prediction = predicted
         labels, _ = trained.finish(image, prediction)
-        relative = path.relative_to(root).parent if root is not None else Path()
-        target = write_labels(labels, out_dir / relative / f"{path.stem}.png")
-        if overlay:
-            _overlay_png(image, labels, target.with_name(f"{path.stem}_overlay.png"))
+        label_name, *overlay_name = names[path]
+        data = encode_labels(labels)  # a DataError here skips the file, as a read error does
+        try:
+            outputs.write_bytes(out_dir / label_name, data)
+            if overlay_name:
+                _overlay_png(image, labels, out_dir / overlay_name[0])
+        except OSError as error:  # the output folder, not this input: stop rather than fail every file alike
+            raise outputs.OutputError(f"{error.filename or out_dir}: cannot write ({error.strerror or error}); check "
+                                      "the output folder (space left, permissions, a file in the way)") from None
         areas = np.bincount(labels.ravel())[1:]
         areas = areas[areas > 0]
-        return {"file": str(path), "labels": str(target), "n_nuclei": int(areas.size),
-                "mean_area_px": round(float(areas.mean()), 1) if areas.size else 0.0,
-                "height": int(labels.shape[0]), "width": int(labels.shape[1])}
+        entry = {"input": relative_input(path, root), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                 "output": label_name.as_posix(), "overlay": overlay_name[0].as_posix() if overlay_name else None,
+                 "n_nuclei": int(areas.size), "mean_area_px": round(float(areas.mean()), 1) if areas.size else 0.0,
+                 "height": int(labels.shape[0]), "width": int(labels.shape[1])}
+        run.record(entry)  # after the files are in place: the manifest never names a file that is not there
+        return _row(path, out_dir, entry)
 
-    expected = (DataError, ValueError, OSError, MemoryError, Image.DecompressionBombError)
+    steps = runtime.overlapped(files, read_and_prepare, predict, write)
     try:
-        for path, outcome in runtime.overlapped(files, read_and_prepare, predict, write):
-            if isinstance(outcome, expected):
+        for path, outcome in steps:
+            if isinstance(outcome, (outputs.OutputError, runtime.NonFiniteOutputs)):  # every file would fail alike
+                raise outcome
+            if isinstance(outcome, SKIPPABLE):
+                failed[relative_input(path, root)] = _first_line(outcome)
                 if on_error is not None:
-                    message = str(outcome).strip().splitlines()[0] if str(outcome).strip() else type(outcome).__name__
-                    on_error(path, message)
+                    on_error(path, _first_line(outcome))
             elif isinstance(outcome, BaseException):
                 raise outcome
             else:
@@ -171,6 +268,18 @@ def segment_files(trained: unet.TrainedUNet, files: Sequence[Path], out_dir: str
             if bar is not None:
                 bar.update(1)
     finally:
+        steps.close()  # waits for the worker threads (an interruption included): nothing is written after this
         if bar is not None:
             bar.close()
     return rows
+
+
+def _row(path: Path, out_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """A row of :func:`segment_files` from a manifest entry."""
+    return {"file": str(path), "labels": str(out_dir / entry["output"]),
+            **{key: entry[key] for key in ("n_nuclei", "mean_area_px", "height", "width")}}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -329,7 +329,8 @@ def read_metrics(notebook: str) -> dict[str, Any] | None:
 
 
 def results_table() -> str:
-    """The README results table (Markdown) from ``notebooks/results.yml`` and the recorded metrics."""
+    """The README results table (Markdown) from ``notebooks/results.yml`` and the recorded metrics. A headline
+    number with a 95 % interval recorded beside it (``<name>_ci``: [low, high]) is shown as ``value [low, high]``."""
     rows = yaml.safe_load((config.notebooks_dir() / "results.yml").read_text()) or []
     lines = [
         "| notebook | quantity | this repository | profile, data | source report |",
@@ -342,6 +343,9 @@ def results_table() -> str:
             measured, provenance = "not measured yet", "-"
         else:
             measured = f"{value:.4g}" if isinstance(value, float) else str(value)
+            interval = record["headline"].get(f"{row['headline']}_ci")
+            if interval is not None:  # the 95 % interval a notebook records beside the number, as [low, high]
+                measured += f" [{interval[0]:.4g}, {interval[1]:.4g}]"
             data = "SYNTHETIC" if record["synthetic_data"] else ", ".join(
                 sorted({d["name"] for d in record["datasets"].values()})
             )

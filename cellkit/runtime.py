@@ -21,6 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from cellkit.datasets import DataError
+
 #: Precisions a caller may ask for; ``auto`` is bfloat16 where the CPU has native instructions for it.
 PRECISIONS = ("auto", "bfloat16", "float32")
 
@@ -107,6 +111,21 @@ def compute_precision(model: Any) -> str:
     """``bfloat16`` if any layer of ``model`` computes in it (Keras ``mixed_bfloat16``), else ``float32``."""
     return "bfloat16" if any(getattr(layer, "compute_dtype", "float32") == "bfloat16" for layer in model.layers) \
         else "float32"
+
+
+class NonFiniteOutputs(DataError):
+    """A network gave NaN or infinite outputs: the model, not the image, is at fault, so a run stops."""
+
+
+def finite_outputs(outputs: Any) -> np.ndarray:
+    """A network's outputs as a float32 array; a one-line DataError when any is NaN or infinite, which a trained
+    network never gives on finite input (its weights are damaged), so that no wrong result is written silently
+    (:class:`NonFiniteOutputs`)."""
+    outputs = np.asarray(outputs, dtype=np.float32)
+    if not np.isfinite(outputs).all():
+        raise NonFiniteOutputs("the network gave NaN or infinite outputs: its weights are damaged; copy the model file "
+                        "again or retrain it")
+    return outputs
 
 
 # --------------------------------------------------------------------------------------------------------

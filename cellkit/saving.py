@@ -13,8 +13,10 @@ that names it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,9 @@ from cellkit.datasets import DataError
 
 #: Name of the metadata entry inside a saved ``.keras`` archive.
 METADATA_ENTRY = "cellkit.json"
+#: The archive member that holds the weights (Keras' layout), and the metadata key of its sha256.
+WEIGHTS_ENTRY = "model.weights.h5"
+WEIGHTS_CHECKSUM = "weights_sha256"
 #: Metadata ``kind`` of a saved U-Net (a classifier's metadata has none).
 UNET_KIND = "unet"
 
@@ -54,8 +59,9 @@ def read_metadata(path: str | Path) -> dict[str, Any] | None:
             if METADATA_ENTRY not in archive.namelist():
                 return None
             text = archive.read(METADATA_ENTRY)
-    except zipfile.BadZipFile:
-        raise DataError(f"{path}: not a .keras model file (not a zip archive)") from None
+    except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+        raise DataError(f"{path}: not a .keras model file (not a readable zip archive: {_first_line(error)})") \
+            from None
     try:
         data = json.loads(text)
     except ValueError as error:
@@ -76,8 +82,9 @@ def model_kind(path: str | Path) -> str:
 
 
 def save_model(model: Any, metadata: dict[str, Any], path: str | Path, record: dict[str, Any] | None = None) -> Path:
-    """Save ``model`` as a native ``.keras`` file with ``metadata`` inside it (:data:`METADATA_ENTRY`) and
-    ``NAME.json`` beside it holding ``{"model_info": metadata, **record}``. Returns the model path.
+    """Save ``model`` as a native ``.keras`` file with ``metadata`` inside it (:data:`METADATA_ENTRY`, with the
+    sha256 of the weights added, so that a damaged copy is refused when it is loaded) and ``NAME.json`` beside it
+    holding ``{"model_info": metadata, **record}``. Returns the model path.
 
     The caller passes a float32 network (saved models run everywhere at full precision)."""
     path = Path(path)
@@ -86,6 +93,7 @@ def save_model(model: Any, metadata: dict[str, Any], path: str | Path, record: d
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save(path)
     with zipfile.ZipFile(path, "a") as archive:
+        metadata = {**metadata, WEIGHTS_CHECKSUM: _sha256(archive.read(WEIGHTS_ENTRY))}
         archive.writestr(METADATA_ENTRY, json.dumps(metadata, indent=2, default=config.json_default))
     sidecar_path(path).write_text(config.to_json({"model_info": metadata, **(record or {})}))
     return path
@@ -99,11 +107,40 @@ def read_record(path: str | Path) -> dict[str, Any]:
         return {}
 
 
+def check_weights(path: str | Path, metadata: dict[str, Any] | None) -> None:
+    """A one-line DataError when the weights inside a saved model do not match the sha256 its metadata recorded
+    (a damaged or altered copy); models saved before the checksum was recorded are not checked."""
+    expected = (metadata or {}).get(WEIGHTS_CHECKSUM)
+    if expected is None:
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            found = _sha256(archive.read(WEIGHTS_ENTRY))
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path}: the weights cannot be read ({_first_line(error)}); the file is damaged: copy it "
+                        "again or retrain the model") from None
+    if found != expected:
+        raise DataError(f"{path}: the weights do not match the checksum saved with them; the file is damaged or "
+                        "altered: copy it again or retrain the model")
+
+
 def load_network(path: str | Path) -> Any:
-    """The Keras network of a saved model (uncompiled, safe mode on); a one-line DataError if it cannot be read."""
+    """The Keras network of a saved model (uncompiled, safe mode on), its weights checked against the checksum in
+    its metadata (:func:`check_weights`); a one-line DataError if it cannot be read."""
+    check_weights(path, read_metadata(path))
     keras = runtime.keras_module()
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)
-    except (ValueError, OSError, TypeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"{path}: cannot load the model ({first_line})") from None
+    except (ValueError, OSError, TypeError, RuntimeError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        # h5py raises RuntimeError or OSError for damaged weights, zipfile BadZipFile for a damaged member
+        raise DataError(f"{path}: cannot load the model ({_first_line(error)}); the file is damaged or was not "
+                        "written by cellkit: copy it again or retrain the model") from None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -30,6 +30,38 @@ def test_every_command_has_help_with_an_example(command, capsys):
     assert "example" in capsys.readouterr().out
 
 
+def _commands(parser, words=()):
+    """Every command path of the parser, e.g. ("evaluate", "segmentation")."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*words, name)
+                yield from _commands(sub, (*words, name))
+
+
+@pytest.mark.parametrize("command", sorted(_commands(cli.build_parser())), ids=" ".join)
+def test_every_subcommand_has_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "example" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["segment"], ["classify"], ["evaluate", "classifier"],
+                                     ["evaluate", "segmentation"], ["train", "classifier"], ["train", "unet"]])
+def test_commands_that_write_results_offer_overwrite(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([*command, "--help"])
+    assert "--overwrite" in capsys.readouterr().out
+
+
+def test_a_system_error_is_one_line():
+    error = PermissionError(13, "Permission denied", "/data/out.csv")
+    assert cli._one_line(error) == "/data/out.csv: Permission denied"
+
+
 def test_data_list_shows_location_licence_and_citation(real_data):
     result = run_cli("data", "list")
     assert result.returncode == 0, result.stderr

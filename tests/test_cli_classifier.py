@@ -175,3 +175,52 @@ def test_corrupt_model_file_is_one_line(tmp_path, pbc_files, capsys):
 def test_image_size_the_vit_cannot_split_into_patches_is_one_line(capsys):
     assert cli.main(["train", "classifier", "--model", "vit", "--size", "30"]) == cli.EXIT_BAD_INPUT
     assert_one_line_error(capsys.readouterr().err, "'vit'", "multiple of 4")
+
+
+def test_classify_csv_is_replaced_only_with_overwrite(workspace, pbc_files, tmp_path, capsys):
+    csv = tmp_path / "p.csv"
+    csv.write_text("my own table\n")
+    assert cli.main(["classify", "--model", str(workspace["model"]), str(pbc_files / "rgba.png"), "--csv",
+                     str(csv)]) == cli.EXIT_BAD_INPUT  # refused before the model loads
+    assert_one_line_error(capsys.readouterr().err, "already exists", "--overwrite")
+    assert csv.read_text() == "my own table\n"
+    assert cli.main(["classify", "--model", str(workspace["model"]), str(pbc_files / "rgba.png"), "--csv", str(csv),
+                     "--overwrite"]) == 0
+    assert pd.read_csv(csv)["file"].tolist() == [str(pbc_files / "rgba.png")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]  # no temporary left
+
+
+def test_evaluate_a_class_folder_skips_an_unreadable_image(workspace, tmp_path, capsys):
+    source = datasets.require("pbc_jpg")
+    table = pd.read_csv(source / "labels.csv").groupby("class_name").head(2)
+    for rel in table["path"]:
+        (tmp_path / "cells" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / rel, tmp_path / "cells" / rel)
+    broken = tmp_path / "cells" / table["path"].iloc[0].split("/")[0] / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 this is not a JPEG")
+    out = tmp_path / "scores.json"
+    assert cli.main(["evaluate", "classifier", "--model", str(workspace["model"]), "--data", str(tmp_path / "cells"),
+                     "--json", str(out)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("warning: skipped") and "broken.jpg" in lines[0], captured.err
+    assert lines[1] == "error: 1 of 17 files could not be read and were left out"
+    report = json.loads(out.read_text())
+    assert report["n"] == 16 and report["n_unreadable"] == 1 and report["unreadable"] == [str(broken)]
+    assert "on 16 images" in captured.out
+
+
+def test_train_overwrite_replaces_the_model_and_its_record(workspace, pbc_files, tmp_path, capsys):
+    model = tmp_path / "lenet.keras"
+    shutil.copy(workspace["model"], model)
+    shutil.copy(workspace["model"].with_suffix(".json"), model.with_suffix(".json"))
+    old = model.read_bytes()
+    command = ["train", "classifier", "--model", "lenet", "--data", str(workspace["npz"]), "--epochs", "1", "--crop",
+               "200", "--out", str(model), "--quiet"]
+    assert cli.main(command) == cli.EXIT_BAD_INPUT  # refused before the training
+    assert_one_line_error(capsys.readouterr().err, "already exists", "--overwrite")
+    assert cli.main([*command, "--overwrite"]) == 0
+    assert model.read_bytes() != old
+    assert json.loads(model.with_suffix(".json").read_text())["summary"]["epochs_run"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.json", "lenet.keras"]  # no temporary left
+    assert cli.main(["classify", "--model", str(model), str(pbc_files / "rgba.png")]) == 0

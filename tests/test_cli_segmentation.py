@@ -10,7 +10,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -187,13 +193,169 @@ def test_evaluate_segmentation_writes_every_score(workspace, my_images, tmp_path
     assert "SEG" in captured.out
     report = json.loads(report_path.read_text())
     assert {"precision", "recall", "f1", "ap", "pq", "seg", "iou_sweep", "pixel", "object", "per_image"} <= set(report)
-    assert report["n_images"] == 4 and [row["thresh"] for row in report["iou_sweep"]][:2] == [0.5, 0.55]
-    assert "4 reference file(s) without a counterpart" in captured.err  # the 8 labels vs 4 predictions
+    assert [row["thresh"] for row in report["iou_sweep"]][:2] == [0.5, 0.55]
+    # the 8 labels vs 4 predictions: the 4 without a prediction count as empty ones, every nucleus missed
+    assert report["n_images"] == 8 and report["n_missing"] == 4 and report["missing"] == "counted as empty predictions"
+    assert "4 reference file(s) without a prediction counted as empty" in captured.err
+    assert "4 without a prediction counted as empty predictions" in captured.out
+    assert cli.main(["evaluate", "segmentation", "--pred", str(out), "--gt", str(workspace["data"]), "--json",
+                     str(report_path), "--skip-missing"]) == 2  # the report exists: not replaced without --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert cli.main(["evaluate", "segmentation", "--pred", str(out), "--gt", str(workspace["data"]), "--json",
+                     str(report_path), "--skip-missing", "--overwrite"]) == 0
+    skipped = json.loads(report_path.read_text())
+    assert skipped["n_images"] == 4 and skipped["n_missing"] == 4 and skipped["missing"] == "left out"
+    assert skipped["recall"] >= report["recall"] and "left out (--skip-missing)" in capsys.readouterr().err
     # the reference against itself is perfect
     assert cli.main(["evaluate", "segmentation", "--pred", str(workspace["data"] / "labels"), "--gt",
                      str(workspace["data"] / "labels"), "--json", str(tmp_path / "self.json")]) == 0
     self_report = json.loads((tmp_path / "self.json").read_text())
     assert self_report["f1"] == 1.0 and self_report["seg"] == 1.0
+
+
+def counts_match_labels(out):
+    """counts.csv lists exactly the label images in ``out``, each with its number of nuclei."""
+    counts = pd.read_csv(out / "counts.csv")
+    labels = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png") if not p.stem.endswith("_overlay"))
+    assert sorted(str(Path(f).with_suffix(".png")) for f in counts["file"]) == labels
+    for file, n in zip(counts["file"], counts["n_nuclei"], strict=True):
+        image = cv2.imread(str(out / Path(file).with_suffix(".png")), cv2.IMREAD_UNCHANGED)
+        assert len(np.unique(image[image > 0])) == n, file
+    return counts
+
+
+def test_segment_rerun_skips_what_is_done_and_redoes_what_changed(workspace, my_images, tmp_path, capsys):
+    images = tmp_path / "in"
+    shutil.copytree(my_images, images)
+    out = tmp_path / "masks"
+    command = ["--model", str(workspace["model"]), "--input", str(images), "--out", str(out), "--overlay"]
+    assert segment(*command) == 0
+    manifest = json.loads((out / "cellkit-run.json").read_text())
+    assert manifest["finished"] and manifest["n_done"] == 5 and manifest["options"]["overlay"] is True
+    assert len(manifest["model_sha256"]) == 64 and manifest["input"] == str(images.resolve())
+    entries = [json.loads(line) for line in (out / "cellkit-run.jsonl").read_text().splitlines()]
+    assert {e["input"] for e in entries} == {"grey16.tif", "mosaic.png", "photo.jpg", "plain.png", "sub/rgb.png"}
+    assert {"size", "mtime_ns", "output", "overlay", "n_nuclei", "mean_area_px", "height", "width"} <= set(entries[0])
+    first = counts_match_labels(out)
+    capsys.readouterr()
+    assert segment(*command) == 0  # the same command again: nothing to do
+    assert "segmented 0 of 5 images (5 done before, skipped)" in capsys.readouterr().out
+    os.utime(images / "photo.jpg")  # the input changed: redone
+    (out / "sub" / "rgb.png").unlink()  # an output removed: redone
+    assert segment(*command) == 0
+    assert "segmented 2 of 5 images (3 done before, skipped)" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(counts_match_labels(out), first)
+
+
+def test_segment_resume_takes_model_input_and_options_from_the_run(workspace, my_images, tmp_path, capsys):
+    out = tmp_path / "masks"
+    assert segment("--model", str(workspace["model"]), "--input", str(my_images), "--out", str(out), "--flips",
+                   "--tile", "128") == 0
+    (out / "plain.png").unlink()
+    capsys.readouterr()
+    assert segment("--resume", "--out", str(out)) == 0
+    assert "segmented 1 of 5 images (4 done before, skipped)" in capsys.readouterr().out
+    assert json.loads((out / "cellkit-run.json").read_text())["options"]["tile"] == 128
+    assert segment("--resume", "--out", str(out), "--tile", "256") == 2  # an option that contradicts the run
+    assert_one_line_error(capsys.readouterr().err, "another run", "tile 128 there, 256 now")
+
+
+def test_segment_refuses_a_foreign_folder_and_overwrite_deletes_nothing(workspace, tmp_path, capsys):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for image_id in workspace["ids"][:2]:
+        shutil.copy(workspace["data"] / "images" / f"{image_id}.png", images)
+    shutil.copy(workspace["data"] / "labels" / f"{workspace['ids'][0]}.png", masks)  # a reference mask ...
+    (masks / "notes.txt").write_text("mine")  # ... and a file of the user's
+    before = listing(masks)
+    assert segment("--model", str(workspace["model"]), "--input", str(images), "--out", str(masks)) == 2
+    assert_one_line_error(capsys.readouterr().err, "not written by cellkit", "--overwrite")
+    assert listing(masks) == before
+    assert segment("--model", str(workspace["model"]), "--input", str(images), "--out", str(masks),
+                   "--overwrite") == 0
+    assert (masks / "notes.txt").read_text() == "mine"
+    assert {p.name for p in masks.iterdir()} == {"notes.txt", "cellkit-run.json", "cellkit-run.jsonl", "counts.csv",
+                                                  *(f"{i}.png" for i in workspace["ids"][:2])}
+
+
+def test_segment_refuses_two_inputs_with_one_output_name(workspace, my_images, tmp_path, capsys):
+    images = tmp_path / "in"
+    shutil.copytree(my_images, images)
+    shutil.copy(images / "grey16.tif", images / "plain.tif")
+    assert segment("--model", str(workspace["model"]), "--input", str(images), "--out", str(tmp_path / "o")) == 2
+    assert_one_line_error(capsys.readouterr().err, "plain.png", "plain.tif", "would both write")
+    assert not (tmp_path / "o").exists()
+
+
+def test_segment_interrupted_by_ctrl_c_is_marked_unfinished_and_resumes(workspace, tmp_path, capsys):
+    """A real SIGINT to a real `cellkit segment` in a fresh interpreter, once a few images are done."""
+    images = tmp_path / "many"
+    images.mkdir()
+    for n in range(40):
+        image_id = workspace["ids"][n % len(workspace["ids"])]
+        shutil.copy(workspace["data"] / "images" / f"{image_id}.png", images / f"{n:02d}.png")
+    out = tmp_path / "masks"
+    command = ["--model", str(workspace["model"]), "--input", str(images), "--out", str(out), "--overlay"]
+    process = subprocess.Popen([sys.executable, "-m", "cellkit.cli", "segment", *command, "--quiet"],
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        entries = out / "cellkit-run.jsonl"
+        if entries.is_file() and entries.read_text().count("\n") >= 3:
+            process.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and err.strip().startswith("interrupted:") and err.count("\n") == 1, err
+    assert "cellkit segment --resume --out" in err
+    manifest = json.loads((out / "cellkit-run.json").read_text())
+    assert manifest["finished"] is False and manifest["status"] == "interrupted"
+    done = len(counts_match_labels(out))
+    assert 3 <= done < 40 and manifest["n_done"] == done
+    assert not list(out.glob(".*cellkit-tmp*"))  # no half-written file left
+    capsys.readouterr()
+    assert segment(*command) == 0  # the same command resumes
+    assert f"segmented {40 - done} of 40 images ({done} done before, skipped)" in capsys.readouterr().out
+    assert len(counts_match_labels(out)) == 40
+    assert json.loads((out / "cellkit-run.json").read_text())["finished"] is True
+
+
+def test_segment_stops_in_one_line_when_an_output_cannot_be_written(workspace, my_images, tmp_path, capsys):
+    out = tmp_path / "masks"
+    command = ["--model", str(workspace["model"]), "--input", str(my_images), "--out", str(out)]
+    assert segment(*command) == 0
+    shutil.rmtree(out / "sub")
+    (out / "sub").write_text("a file where the subfolder goes")  # sub/rgb.png is redone and cannot be written
+    capsys.readouterr()
+    assert segment(*command) == 2
+    assert_one_line_error(capsys.readouterr().err, "cannot write", "4 of 5 images done are kept",
+                          "cellkit segment --resume --out")
+    manifest = json.loads((out / "cellkit-run.json").read_text())
+    assert manifest["finished"] is False and manifest["status"].startswith("failed") and manifest["n_done"] == 4
+    assert sorted(counts_match_labels(out)["file"]) == ["grey16.tif", "mosaic.png", "photo.jpg", "plain.png"]
+
+
+def test_segment_files_from_python_keeps_the_same_rules(workspace, my_images, tmp_path):
+    from cellkit import inference, outputs, unet
+
+    trained = unet.load_unet(workspace["model"])
+    files = inference.image_files(my_images)
+    out = tmp_path / "masks"
+    rows = inference.segment_files(trained, files, out, root=my_images, progress=False)
+    assert len(rows) == 5 and json.loads((out / "cellkit-run.json").read_text())["finished"]
+    again = inference.segment_files(trained, files, out, root=my_images, progress=False)  # all skipped
+    assert sorted(r["labels"] for r in again) == sorted(r["labels"] for r in rows)
+    trained.flips = True
+    with pytest.raises(outputs.OutputError, match="flips False there, True now"):
+        inference.segment_files(trained, files, out, root=my_images, progress=False)
+    assert len(inference.segment_files(trained, files, out, root=my_images, progress=False, overwrite=True)) == 5
+    (tmp_path / "other").mkdir()
+    shutil.copy(my_images / "sub" / "rgb.png", tmp_path / "other" / "rgb.png")
+    with pytest.raises(outputs.OutputError, match="would both write"):  # without a root both are rgb.png
+        inference.segment_files(trained, [*files, tmp_path / "other" / "rgb.png"], tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 def _labels_folder(tmp_path, name, array, suffix=".png"):

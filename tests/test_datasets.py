@@ -253,3 +253,57 @@ def test_missing_registered_dataset_says_how_to_get_it(no_real_data):
     with pytest.raises(datasets.DatasetNotFound) as error:
         datasets.load_pbc28("train")
     assert "cellkit data fetch pbc" in _one_line(error)
+
+
+# --- what one image file may be: the same rule for every command and the app ---------------------------------
+
+
+def test_unreadable_images_in_a_class_folder_can_be_left_out_and_reported(tmp_path):
+    folder = _write_class_folder(tmp_path / "cells")
+    (folder / "beta" / "broken.png").write_bytes(b"this is not a png")
+    skipped = []
+    data = datasets.load_class_folder(folder, size=16, on_error=lambda path, message: skipped.append((path, message)))
+    assert len(data) == 6 and data.class_names == ["alpha", "beta"]
+    assert [p.name for p, _ in skipped] == ["broken.png"] and "not a readable image" in skipped[0][1]
+
+
+def test_a_multi_page_tiff_is_refused_with_one_line(tmp_path):
+    import tifffile
+
+    path = tmp_path / "stack.tif"
+    with tifffile.TiffWriter(path) as writer:
+        for _ in range(3):  # three pages, as a microscope writes a time series
+            writer.write(np.zeros((16, 16), np.uint16))
+    with pytest.raises(DataError, match="3 pages") as error:
+        datasets.read_image(path)
+    assert "\n" not in str(error.value) and "stack.tif" in str(error.value)
+    tifffile.imwrite(tmp_path / "planes.tif", np.zeros((3, 16, 16), np.uint16))  # one page of three planes
+    with pytest.raises(DataError, match=r"shape \(3, 16, 16\)"):
+        datasets.read_image(tmp_path / "planes.tif")
+    tifffile.imwrite(tmp_path / "one.tif", np.zeros((16, 16), np.uint16))
+    assert datasets.read_image(tmp_path / "one.tif").shape == (16, 16)
+
+
+def test_images_of_other_than_one_to_four_channels_are_refused(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "five.tif", np.zeros((16, 16, 5), np.uint8), photometric="minisblack",
+                     planarconfig="contig")
+    with pytest.raises(DataError, match="5 channels"):
+        datasets.read_image(tmp_path / "five.tif")
+    Image.fromarray(np.zeros((16, 16, 4), np.uint8)).save(tmp_path / "rgba.png")
+    assert datasets.read_image(tmp_path / "rgba.png").shape == (16, 16, 3)  # the alpha channel is dropped
+
+
+def test_an_image_beyond_the_pixel_limit_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    big = tmp_path / "huge.png"
+    Image.new("1", (20_000, 9_000)).save(big)  # 180 megapixels in a few kilobytes
+    with pytest.raises(DataError, match="megapixels") as error:
+        datasets.read_image(big)
+    assert "huge.png" in str(error.value) and "\n" not in str(error.value)
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "wide.tif", np.zeros((64, 64), np.uint8))
+    monkeypatch.setattr(datasets.loaders, "MAX_IMAGE_PIXELS", 1000)  # the same limit applies to TIFFs
+    with pytest.raises(DataError, match="megapixels"):
+        datasets.read_image(tmp_path / "wide.tif")

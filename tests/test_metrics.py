@@ -11,7 +11,7 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 from sklearn import metrics as skm
 
-from cellkit import metrics
+from cellkit import metrics, synthetic
 
 SHAPE = (40, 60)
 DSB_ID = "212b858a66f0d23768b8e3e1357704fc2f4cf4bbe7eed8cd59b5d01031d553e6"  # 520x696, 100 nuclei
@@ -334,3 +334,78 @@ def test_label_agreement_perfect_and_half():
     assert out["object_recall"] == pytest.approx(3 / 4) and out["object_precision"] == 1.0
     assert out["count_mae"] == pytest.approx(0.5) and out["count_bias"] == pytest.approx(-0.5)
     assert out["pixel_dice"] == pytest.approx(2 * 48 / (2 * 48 + 16)) and out["n_gt"] == 4
+
+
+def test_label_folders_count_a_missing_prediction_as_an_empty_one(tmp_path):
+    import cv2
+
+    gt = np.zeros((32, 32), np.uint16)
+    gt[2:10, 2:10], gt[20:28, 20:28] = 1, 2
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt").mkdir()
+    for stem in ("a", "b"):
+        cv2.imwrite(str(tmp_path / "gt" / f"{stem}.png"), gt)
+    cv2.imwrite(str(tmp_path / "pred" / "a.png"), gt)  # a perfect prediction for a, none for b
+    warnings = []
+    counted = metrics.evaluate_label_folders(tmp_path / "pred", tmp_path / "gt", on_warning=warnings.append)
+    assert counted["n_images"] == 2 and counted["n_missing"] == 1 and counted["missing"].startswith("counted")
+    assert counted["recall"] == pytest.approx(0.5) and counted["f1"] == pytest.approx(2 / 3)
+    assert any("1 reference file(s) without a prediction counted as empty" in w for w in warnings)
+    skipped = metrics.evaluate_label_folders(tmp_path / "pred", tmp_path / "gt", skip_missing=True)
+    assert skipped["n_images"] == 1 and skipped["f1"] == 1.0 and skipped["missing"] == "left out"
+
+
+# --- intervals ----------------------------------------------------------------------------------------------------
+
+
+def _wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def test_the_accuracy_interval_agrees_with_the_wilson_interval():
+    y_true = np.zeros(400, int)
+    y_pred = np.where(np.arange(400) < 340, 0, 1)  # 85 % correct
+    interval = metrics.accuracy_interval(y_true, y_pred)
+    low, high = _wilson(340, 400)
+    assert interval.estimate == 0.85 and interval.n_units == 400
+    assert interval.low == pytest.approx(low, abs=0.01) and interval.high == pytest.approx(high, abs=0.01)
+    assert metrics.accuracy_interval(y_true, y_pred, seed=0) == interval  # seeded
+
+
+def test_a_model_compared_with_itself_differs_by_zero_inside_its_interval():
+    rng = np.random.default_rng(1)
+    y_true = rng.integers(0, 4, 300)
+    y_pred = np.where(rng.random(300) < 0.8, y_true, rng.integers(0, 4, 300))
+    same = metrics.accuracy_difference(y_true, y_pred, y_pred)
+    assert same.estimate == 0 and same.contains(0) and same.verdict().startswith("not resolved")
+
+
+def test_a_planted_difference_is_found_and_a_small_one_is_not_resolved():
+    rng = np.random.default_rng(2)
+    y_true = rng.integers(0, 3, 500)
+    good = np.where(rng.random(500) < 0.9, y_true, (y_true + 1) % 3)
+    worse = np.where(rng.random(500) < 0.75, y_true, (y_true + 1) % 3)
+    found = metrics.accuracy_difference(y_true, good, worse)
+    assert found.low > 0 and found.contains(np.mean(good == y_true) - np.mean(worse == y_true))
+    assert found.verdict(("good", "worse")) == "good is better"
+    assert metrics.accuracy_difference(y_true, worse, good).verdict(("worse", "good")) == "good is better"
+    tiny = metrics.accuracy_difference(y_true[:60], good[:60], np.where(np.arange(60) == 0, -1, good[:60]))
+    assert tiny.contains(0)  # one image of 60 cannot be told apart
+
+
+def test_segmentation_intervals_pool_over_images_and_compare_pairs():
+    gts = [synthetic.nuclei_field(shape=(96, 96), n_nuclei=12, seed=s).labels for s in range(8)]
+    perfect = [g.copy() for g in gts]
+    half = [np.where(g % 2 == 0, g, 0) for g in gts]  # every other nucleus missed
+    f1 = metrics.matching_interval(half, gts)
+    assert f1.estimate == pytest.approx(metrics.match_dataset(half, gts)["by_threshold"][0.5]["f1"])
+    assert f1.low <= f1.estimate <= f1.high < 1
+    seg = metrics.seg_interval(half, gts)
+    assert seg.estimate == pytest.approx(metrics.seg_dataset(half, gts)["seg"]) and seg.n_units == 8
+    assert metrics.seg_interval(perfect, gts).low == 1.0
+    better = metrics.segmentation_difference(perfect, half, gts, "seg")
+    assert better.low > 0.3 and better.verdict(("perfect", "half")) == "perfect is better"
+    assert metrics.segmentation_difference(half, half, gts, "f1").contains(0)

@@ -99,6 +99,13 @@ def test_results_table_reads_recorded_headlines(figures):
     assert "| 21.5 |" in table
 
 
+def test_results_table_shows_an_interval_recorded_beside_a_number(figures):
+    run = notebooks.NotebookRun("04_cnn_lenet_alexnet", profile="default")
+    run.finish(metrics={}, headline={"best_accuracy": 0.98761, "best_accuracy_ci": [0.98302, 0.99133]})
+    assert "| PBC-28 test accuracy, best CNN (chosen on validation) | 0.9876 [0.983, 0.9913] |" in \
+        notebooks.results_table()
+
+
 def test_results_table_does_not_show_smoke_numbers(figures):
     notebooks.NotebookRun("01_eda", profile="smoke").finish(metrics={}, headline={"pbc_n_train": 5})
     assert "| 01_eda | PBC-28 training images | not measured yet |" in notebooks.results_table()

@@ -6,7 +6,8 @@ fix; none of them writes anything into the folder it reads.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -18,6 +19,9 @@ from cellkit.datasets.containers import ImageSet, SegmentationSet
 from cellkit.datasets.registry import DataError, require
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: The largest image one file may hold, in pixels (PIL's limit against decompression bombs, 179 megapixels): a
+#: larger one is refused with one line rather than decoded into memory.
+MAX_IMAGE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 MEDMNIST_SPLITS = ("train", "val", "test")
 #: The MedMNIST recipe for PBC: a centre crop of this many pixels before resizing.
 PBC_CROP = 200
@@ -29,8 +33,10 @@ PBC_CROP = 200
 def read_image(path: str | Path) -> np.ndarray:
     """Read one image file as a numpy array, as stored (uint8 or uint16; grey (H, W) or colour (H, W, C)).
 
-    TIFFs go through ``tifffile`` (16-bit and multi-page safe, first page only); the rest through PIL.
-    Palette and grey+alpha images are converted to grey or RGB; an alpha channel is dropped.
+    TIFFs go through ``tifffile`` (16-bit safe), the rest through PIL. Palette and grey+alpha images are converted
+    to grey or RGB; an alpha channel is dropped. What cannot be one 2-D image is a one-line DataError, the same
+    for every command and the app: a multi-page TIFF (a stack or a movie), other than 1 to 4 channels, or more
+    than :data:`MAX_IMAGE_PIXELS` pixels.
     """
     path = Path(path)
     if not path.is_file():
@@ -42,24 +48,48 @@ def read_image(path: str | Path) -> np.ndarray:
 def decode_image(source: str | Path | BinaryIO, tiff: bool, name: str, hint: str = "") -> np.ndarray:
     """Decode an image from a path or an open binary stream (e.g. ``io.BytesIO`` of an upload) as
     :func:`read_image` does; ``tiff`` picks ``tifffile`` over PIL. A one-line DataError names ``name``
-    (then ``hint``) when it cannot be decoded or is not a 2-D image."""
+    (then ``hint``) when it cannot be decoded or is not one 2-D image."""
     try:
-        if tiff:
-            import tifffile
-
-            array = np.asarray(tifffile.imread(source, key=0))
-        else:
-            with Image.open(source) as image:
-                array = _pil_to_array(image)
+        array = _decode_tiff(source, name) if tiff else _decode_pil(source)
+    except DataError:  # already one line that names the file
+        raise
+    except Image.DecompressionBombError:
+        raise DataError(f"{name}: more than {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, the most one image may have; "
+                        "cut it into tiles first") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"{name}: not a readable image ({error}){hint}") from None
     if array.ndim == 3 and array.shape[-1] in (2, 4):  # grey+alpha or RGBA: alpha carries no signal here
         array = array[..., :-1]
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.ndim not in (2, 3):
-        raise DataError(f"{name}: expected a 2-D image, got an array of shape {array.shape}")
+    if array.ndim == 3 and 4 < array.shape[-1] <= 8:  # more are spatial, e.g. a channels-first array
+        raise DataError(f"{name}: {array.shape[-1]} channels; give a grey, RGB or RGBA image (one channel or one "
+                        "colour image per file)")
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+        raise DataError(f"{name}: expected one 2-D grey or colour image, got an array of shape {array.shape} "
+                        "(channels first, or a stack?); save one image per file")
     return array
+
+
+def _decode_pil(source: str | Path | BinaryIO) -> np.ndarray:
+    with warnings.catch_warnings():
+        # PIL warns from half of MAX_IMAGE_PIXELS on and raises DecompressionBombError beyond it
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(source) as image:
+            return _pil_to_array(image)
+
+
+def _decode_tiff(source: str | Path | BinaryIO, name: str) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(source) as tiff:
+        pages = len(tiff.pages)
+        if pages > 1:
+            raise DataError(f"{name}: a TIFF of {pages} pages (a stack, a movie or a channel per page); give one "
+                            "image per file")
+        if int(np.prod(tiff.pages[0].shape[:2])) > MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError("too many pixels")
+        return np.asarray(tiff.pages[0].asarray())
 
 
 def _pil_to_array(image: Image.Image) -> np.ndarray:
@@ -179,6 +209,7 @@ def load_class_folder(
     crop: int | None = None,
     per_class: int | None = None,
     seed: int = 0,
+    on_error: Callable[[Path, str], None] | None = None,
 ) -> ImageSet:
     """Load a folder of class subfolders (``<class>/<image>``) as RGB uint8 images.
 
@@ -190,6 +221,8 @@ def load_class_folder(
         size, which then must be the same for all images.
     crop : side of the centre crop before resizing (None: the largest centred square).
     per_class : keep at most this many images per class, chosen with ``seed`` (None: all).
+    on_error : called as ``on_error(file, message)`` for an image that cannot be read, which is then left out (as
+        ``cellkit classify`` leaves it out); None: the first such image is a one-line DataError.
     """
     folder = Path(path)
     table = _class_folder_table(folder)
@@ -201,11 +234,22 @@ def load_class_folder(
             for i in rng.permutation(np.asarray(rows))[:per_class]
         ]
         table = table.loc[sorted(keep)].reset_index(drop=True)
-    images = [centre_crop_resize(to_rgb(_read_uint8(folder / rel)), size, crop) for rel in table["path"]]
+    names = table.drop_duplicates("label").sort_values("label")["class_name"].tolist()  # before any is left out
+    images, kept = [], []
+    for index, rel in enumerate(table["path"]):
+        try:
+            images.append(centre_crop_resize(to_rgb(_read_uint8(folder / rel)), size, crop))
+            kept.append(index)
+        except DataError as error:
+            if on_error is None:
+                raise
+            on_error(folder / rel, str(error))
+    if not images:
+        raise DataError(f"{folder}: none of its {len(table)} images could be read")
+    table = table.iloc[kept].reset_index(drop=True)
     shapes = {image.shape for image in images}
     if len(shapes) > 1:
         raise DataError(f"{folder}: images have different sizes {sorted(shapes)[:3]}...; pass size=N to resize")
-    names = table.drop_duplicates("label").sort_values("label")["class_name"].tolist()
     return ImageSet(np.stack(images), table["label"].to_numpy(np.int64), names, table["path"].tolist(), str(folder))
 
 

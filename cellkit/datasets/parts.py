@@ -11,7 +11,7 @@ Every split is :func:`cellkit.datasets.stratified_split` (stratified, seeded); b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,14 +125,16 @@ def _parts_by_id(whole: ImageSet, split: dict[str, list[str]]) -> list[ImageSet]
     return [whole.subset(sorted(position[f] for f in split[part])) for part in ("train", "val", "test")]
 
 
-def load_evaluation_data(data: str, class_names: Sequence[str], size: int, crop: int | None, split: str = "test"
-                         ) -> ImageSet:
+def load_evaluation_data(data: str, class_names: Sequence[str], size: int, crop: int | None, split: str = "test",
+                         on_error: Callable[[Path, str], None] | None = None) -> ImageSet:
     """Labelled images from ``data`` for a model of ``class_names`` that takes ``size`` x ``size`` inputs cut with
     ``crop`` (its :class:`~cellkit.classifiers.ModelInfo`), labels renumbered to the model's classes.
 
     ``data``: ``pbc28`` (its ``split``), ``pbc_jpg`` (its ``split`` part, as PBC-28's), a MedMNIST-style npz
     (``split``), a plain npz, or a folder of class subfolders. Class names found in the data are matched to the
     model's by name; bare class ids must lie within the model's classes. A label outside them is a DataError.
+    ``on_error``: in a folder, an unreadable image is left out and reported as ``on_error(file, message)``
+    (:func:`~cellkit.datasets.load_class_folder`); None: it is a DataError.
     """
     if data == "pbc28":
         found = load_pbc28(split)
@@ -142,7 +144,7 @@ def load_evaluation_data(data: str, class_names: Sequence[str], size: int, crop:
     else:
         path = Path(data)
         if path.is_dir():
-            found = load_class_folder(path, size=size, crop=crop)
+            found = load_class_folder(path, size=size, crop=crop, on_error=on_error)
         elif path.suffix.lower() == ".npz" or path.is_file():
             found = load_npz(path, split=_npz_split(path, split), class_names=list(class_names))
         else:

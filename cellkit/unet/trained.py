@@ -43,12 +43,13 @@ class TrainedUNet:
         """Network output (B, h, w, K) float32 for input stacks (B, h, w, C), h and w multiples of 2 ** depth.
 
         Runs a traced graph (``predict_on_batch``; tracing costs a second or two per new input shape, then each
-        call is fast), or, with ``eager``, the layers one by one (no tracing; for a few predictions only).
+        call is fast), or, with ``eager``, the layers one by one (no tracing; for a few predictions only). NaN or
+        infinite outputs (damaged weights) are a one-line DataError.
         """
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if self.eager:
-            return np.asarray(self.network(batch, training=False), np.float32)
-        return np.asarray(self.network.predict_on_batch(batch), np.float32)
+            return runtime.finite_outputs(self.network(batch, training=False))
+        return runtime.finite_outputs(self.network.predict_on_batch(batch))
 
     def stack(self, image: np.ndarray) -> np.ndarray:
         """The network input of ``image`` (H, W) or (H, W, C), any dtype: normalised channels (H, W, C)."""
