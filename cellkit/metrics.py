@@ -691,16 +691,19 @@ def segmentation_scores(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray],
                         ids: Sequence[str] | None = None) -> dict[str, Any]:
     """Every segmentation score of label images ``preds`` against ``gts`` (pooled over images), JSON-ready:
     the matching scores at IoU 0.5 at the top level, ``seg``, ``iou_sweep``, ``pixel``, ``object`` and
-    ``per_image`` (id, n_gt, n_pred, f1 and seg of each image)."""
+    ``per_image`` (id, n_gt, n_pred, tp, fp, fn, f1, ap, seg and n_reference of each image: what
+    :func:`segmentation_intervals` resamples)."""
     matched = match_dataset(preds, gts)
     seg = seg_dataset(preds, gts)
     at50 = matched["by_threshold"][0.5]
     ids = list(ids) if ids is not None else [str(i) for i in range(len(preds))]
     per_image = []
-    for name, pred, gt, image_seg in zip(ids, preds, gts, seg["per_image"], strict=True):
+    for name, pred, gt, image_seg, n_reference in zip(ids, preds, gts, seg["per_image"],
+                                                      seg["n_reference_per_image"], strict=True):
         one = match_instances(pred, gt, 0.5)
-        per_image.append({"id": name, "n_gt": one["n_gt"], "n_pred": one["n_pred"], "f1": one["f1"],
-                          "ap": one["ap"], "seg": image_seg})
+        per_image.append({"id": name, "n_gt": one["n_gt"], "n_pred": one["n_pred"], "tp": one["tp"],
+                          "fp": one["fp"], "fn": one["fn"], "f1": one["f1"], "ap": one["ap"], "seg": image_seg,
+                          "n_reference": n_reference})
     return {
         "n_images": len(preds),
         **{k: at50[k] for k in ("precision", "recall", "f1", "ap", "pq", "mean_iou", "tp", "fp", "fn", "n_gt",
@@ -858,6 +861,56 @@ def seg_interval(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], **optio
     """SEG pooled over the nuclei of the images, with its bootstrap interval over the images."""
     return bootstrap_interval([seg_sums(preds, gts)], pooled_seg, **options)
 
+
+def report_intervals(report: dict, **options) -> dict[str, Interval]:
+    """Accuracy and macro-F1 of a :func:`classification_report` with their bootstrap intervals over its images.
+
+    The confusion matrix holds every (true, predicted) pair of the report, and pairs are all that a bootstrap over
+    images resamples, so the report alone is enough: no predictions need to be kept.
+    """
+    matrix = np.asarray(report["confusion_matrix"])
+    true_class, predicted = np.nonzero(matrix)
+    counts = matrix[true_class, predicted]
+    y_true, y_pred = np.repeat(true_class, counts), np.repeat(predicted, counts)
+    return {"accuracy": accuracy_interval(y_true, y_pred, **options),
+            "macro_f1": macro_f1_interval(y_true, y_pred, len(matrix), **options)}
+
+
+def _per_image_units(scores: dict) -> dict[str, np.ndarray]:
+    """The units a bootstrap resamples, from the ``per_image`` rows of :func:`segmentation_scores`: TP, FP, FN
+    (n_images, 3) for F1 and AP, and the sum of SEG Jaccards with the number of reference nuclei (n_images, 2)."""
+    rows = scores["per_image"]
+    counts = np.array([[row["tp"], row["fp"], row["fn"]] for row in rows], dtype=np.int64)
+    sums = np.array([[row["seg"] * row["n_reference"] if row["n_reference"] else 0.0, row["n_reference"]]
+                     for row in rows], dtype=np.float64)
+    return {"f1": counts, "ap": counts, "seg": sums}
+
+
+def _pooled(score: str) -> Callable[[np.ndarray], float]:
+    return pooled_seg if score == "seg" else (lambda counts: pooled_matching_score(counts, score))
+
+
+def segmentation_intervals(scores: dict, **options) -> dict[str, Interval]:
+    """F1 and AP at IoU 0.5 and SEG of :func:`segmentation_scores` with their bootstrap intervals over its images,
+    resampled from its ``per_image`` rows (no label image needs to be kept)."""
+    units = _per_image_units(scores)
+    return {score: bootstrap_interval([units[score]], _pooled(score), **options) for score in ("f1", "ap", "seg")}
+
+
+def scores_difference(scores_a: dict, scores_b: dict, score: str = "seg", **options) -> Interval:
+    """``score`` (``f1``, ``ap`` or ``seg``) of :func:`segmentation_scores` ``scores_a`` minus that of ``scores_b``,
+    two methods scored on the same images in the same order, with its paired bootstrap interval over the images."""
+    ids_a = [row["id"] for row in scores_a["per_image"]]
+    if ids_a != [row["id"] for row in scores_b["per_image"]]:
+        raise ValueError("the two scores are not of the same images in the same order")
+    return paired_difference([_per_image_units(scores_a)[score]], [_per_image_units(scores_b)[score]],
+                             _pooled(score), **options)
+
+
+def interval_fields(intervals: dict[str, Interval], names: dict[str, str]) -> dict[str, list[float]]:
+    """Headline entries ``<name>_ci: [low, high]`` for the intervals named in ``names`` (interval key -> headline
+    name), as the results table reads them beside ``<name>``."""
+    return {f"{headline}_ci": [intervals[key].low, intervals[key].high] for key, headline in names.items()}
 
 
 def accuracy_difference(y_true: Sequence, pred_a: Sequence, pred_b: Sequence, **options) -> Interval:

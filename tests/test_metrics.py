@@ -409,3 +409,43 @@ def test_segmentation_intervals_pool_over_images_and_compare_pairs():
     better = metrics.segmentation_difference(perfect, half, gts, "seg")
     assert better.low > 0.3 and better.verdict(("perfect", "half")) == "perfect is better"
     assert metrics.segmentation_difference(half, half, gts, "f1").contains(0)
+
+
+def test_a_report_alone_gives_the_intervals_of_its_predictions():
+    rng = np.random.default_rng(3)
+    y_true = rng.integers(0, 4, 240)
+    y_pred = np.where(rng.random(240) < 0.8, y_true, rng.integers(0, 4, 240))
+    report = metrics.classification_report(y_true, y_pred, ["a", "b", "c", "d"])
+    from_report = metrics.report_intervals(report)
+    assert from_report["accuracy"].estimate == pytest.approx(report["accuracy"])
+    assert from_report["macro_f1"].estimate == pytest.approx(report["macro_f1"])
+    # the same pairs in another order: the same interval as from the predictions themselves
+    assert from_report["accuracy"].low == pytest.approx(metrics.accuracy_interval(y_true, y_pred).low, abs=0.02)
+    assert from_report["macro_f1"].high == pytest.approx(
+        metrics.macro_f1_interval(y_true, y_pred, 4).high, abs=0.02)
+    fields = metrics.interval_fields(from_report, {"accuracy": "best_accuracy"})
+    assert fields == {"best_accuracy_ci": [from_report["accuracy"].low, from_report["accuracy"].high]}
+
+
+def test_segmentation_scores_carry_what_their_intervals_need():
+    gts = [synthetic.nuclei_field(shape=(96, 96), n_nuclei=12, seed=s).labels for s in range(6)]
+    half = [np.where(g % 2 == 0, g, 0) for g in gts]
+    half[0] = np.zeros_like(half[0])  # an image where nothing was found
+    scores = metrics.segmentation_scores(half, gts)
+    intervals = metrics.segmentation_intervals(scores)
+    for key in ("f1", "ap", "seg"):
+        assert intervals[key].estimate == pytest.approx(scores[key]), key
+        assert intervals[key].low <= scores[key] <= intervals[key].high
+    assert intervals["seg"].low == pytest.approx(metrics.seg_interval(half, gts).low)
+    assert intervals["f1"].high == pytest.approx(metrics.matching_interval(half, gts).high)
+
+
+def test_two_methods_scored_on_the_same_images_are_compared_in_pairs():
+    gts = [synthetic.nuclei_field(shape=(96, 96), n_nuclei=12, seed=s).labels for s in range(6)]
+    half = metrics.segmentation_scores([np.where(g % 2 == 0, g, 0) for g in gts], gts)
+    perfect = metrics.segmentation_scores([g.copy() for g in gts], gts)
+    found = metrics.scores_difference(perfect, half, "f1")
+    assert found.estimate == pytest.approx(perfect["f1"] - half["f1"]) and found.low > 0
+    assert metrics.scores_difference(half, half, "seg").contains(0)
+    with pytest.raises(ValueError, match="same images"):
+        metrics.scores_difference(perfect, metrics.segmentation_scores(gts[:5], gts[:5]), "seg")

@@ -20,6 +20,13 @@ REQUIRED_FIELDS = {
     "notebook", "profile", "seed", "synthetic_data", "datasets", "splits", "parameters", "headline", "metrics",
     "figures", "wall_time_s", "peak_memory_mb", "versions", "git_commit",
 }  # fmt: skip
+#: Headline numbers that must carry a 95 % interval (``<name>_ci``: [low, high]) in the notebook's metrics.json.
+INTERVALS = {
+    "03_handcrafted_features_random_forest": ("rf_accuracy", "rf_macro_f1"),
+    "04_cnn_lenet_alexnet": ("best_accuracy", "best_macro_f1", "best_minus_lenet_original"),
+    "06_transfer_learning_vgg16": ("transfer_accuracy", "transfer_macro_f1", "scratch_accuracy"),
+    "07_unet_segmentation": ("f1_iou50", "ap_iou50", "seg", "unet_minus_baseline_f1", "unet_minus_baseline_seg"),
+}
 
 
 def test_there_are_notebooks():
@@ -80,3 +87,9 @@ def test_notebook_runs_in_smoke_profile_on_real_data(path, real_data, tmp_path, 
         value = record["headline"].get(name)
         assert value is not None, f"headline {name!r} missing from {path.stem}'s metrics.json"
         assert low <= value <= high, f"{path.stem}: {name} = {value}, expected within [{low}, {high}]"
+    for name in INTERVALS.get(path.stem, ()):
+        assert f"{name}_ci" in record["headline"], f"{path.stem}: headline {name!r} has no interval"
+    for name, bounds in record["headline"].items():
+        if name.endswith("_ci"):
+            low, high = bounds
+            assert low <= record["headline"][name[:-3]] <= high, f"{path.stem}: {name} {bounds} misses its estimate"
