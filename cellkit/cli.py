@@ -11,8 +11,10 @@ cellkit classify --model models/cellnet.keras my_cells/ --csv predictions.csv
 cellkit train unet --data dsb2018 --classes 3 --out models/unet.keras
 cellkit segment --model models/unet.keras --input my_images/ --out masks/ --overlay
 cellkit segment --resume --out masks/
+cellkit segment --model models/unet.keras --input my_images/ --out masks/ --workers 2
 cellkit evaluate segmentation --pred masks/ --gt my_labels/ --json scores.json
 cellkit app --models models/
+cellkit export --format bioimageio --model models/unet.keras --out unet.bioimageio.zip
 """
 
 from __future__ import annotations
@@ -430,7 +432,8 @@ def _segment_settings(args: argparse.Namespace, out: Path) -> argparse.Namespace
         if not args.model or not args.input:
             raise ValueError("segment needs --model and --input (or --resume --out DIR to continue a run there)")
         return argparse.Namespace(model=args.model, input=args.input, tile=args.tile, flips=bool(args.flips),
-                                  overlay=bool(args.overlay), precision=args.precision or "auto")
+                                  overlay=bool(args.overlay), precision=args.precision or "auto",
+                                  output_format=args.output_format or "auto")
     header = outputs.read_header(out)
     if header is None or header.get("kind") != "segment":
         raise ValueError(f"{out}: no cellkit segment run to resume (no {outputs.MANIFEST}); run the whole command, "
@@ -442,7 +445,8 @@ def _segment_settings(args: argparse.Namespace, out: Path) -> argparse.Namespace
         tile=args.tile if args.tile is not None else (0 if recorded_tile is None else recorded_tile),
         flips=bool(options.get("flips")) if args.flips is None else args.flips,
         overlay=bool(options.get("overlay")) if args.overlay is None else args.overlay,
-        precision=args.precision or options.get("precision") or "auto")
+        precision=args.precision or options.get("precision") or "auto",
+        output_format=args.output_format or options.get("output_format") or "auto")
 
 
 def _segment_command(settings: argparse.Namespace, out: Path) -> str:
@@ -450,6 +454,7 @@ def _segment_command(settings: argparse.Namespace, out: Path) -> str:
     words = ["cellkit", "segment", "--model", str(settings.model), "--input", str(settings.input), "--out", str(out)]
     words += ["--overlay"] * settings.overlay + ["--flips"] * settings.flips
     words += ["--precision", settings.precision] + (["--tile", str(settings.tile)] if settings.tile is not None else [])
+    words += ["--output-format", settings.output_format] if settings.output_format != "auto" else []
     return shlex.join(words)
 
 
@@ -485,7 +490,7 @@ def _done_before(run: outputs.RunFolder, path: Path, root: Path | None) -> bool:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from cellkit import inference, runtime, saving, unet
+    from cellkit import formats, inference, runtime, saving, unet
 
     out = Path(args.out)
     settings = _segment_settings(args, out)
@@ -496,26 +501,40 @@ def _segment(args: argparse.Namespace) -> int:
     if out.resolve() == folder.resolve() or (source.is_dir() and folder.resolve() in out.resolve().parents):
         raise ValueError(f"{out}: refusing to write into the input folder {folder}; choose another --out")
     outputs.check_not_inside(out, [settings.input, settings.model])
-    outputs.check_unique(inference.output_names(files, root, settings.overlay), out)
+    for path in files:  # an OME-Zarr's metadata and axes, before any work (reads no pixels)
+        if formats.is_zarr(path):
+            formats.read_ome_zarr(path)
+    label_formats = inference.label_formats(files, settings.output_format)
+    outputs.check_unique(inference.output_names(files, root, settings.overlay, label_formats), out)
     model = saving.check_model_file(settings.model, "cellkit train unet")
     tile = unet.read_unet_config(model).tile if settings.tile is None else (settings.tile or None)
     precision = runtime.resolve_precision(settings.precision)
     resume = shlex.join(["cellkit", "segment", "--resume", "--out", str(out)])
     header = inference.segment_header(outputs.sha256_file(model), source, tile, settings.flips, precision,
-                                      settings.overlay, command=_segment_command(settings, out),
+                                      settings.overlay, settings.output_format,
+                                      command=_segment_command(settings, out),
                                       model=str(model.resolve()), resume=resume)
     outputs.RunFolder.check(out, header, args.overwrite)  # before the model loads: a refusal costs nothing
-    trained = unet.load_unet(model, precision=precision)
-    trained.flips = settings.flips
+    on_cluster = args.workers is not None or args.scheduler is not None
+    trained = None if on_cluster else unet.load_unet(model, precision=precision)  # on a cluster: once per worker
     failed: list[Path] = []
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt(), _dask_client(args) as client:  # connected before anything is written
         run = outputs.RunFolder.open(out, header, args.overwrite)
         done_before = sum(_done_before(run, path, root) for path in files)
         if done_before:
             print(f"continuing the run in {out}: {done_before} of {len(files)} images were done before", flush=True)
         try:
-            rows = inference.segment_files(trained, files, out, root=root, overlay=settings.overlay, tile=tile,
-                                           progress=not args.quiet, on_error=_skip_warner(failed), run=run)
+            if client is not None:
+                from cellkit import cluster
+
+                rows = cluster.segment_files(client, model, files, out, run, root=root, overlay=settings.overlay,
+                                             tile=tile, progress=not args.quiet, on_error=_skip_warner(failed),
+                                             output_format=settings.output_format)
+            else:
+                trained.flips = settings.flips
+                rows = inference.segment_files(trained, files, out, root=root, overlay=settings.overlay, tile=tile,
+                                               progress=not args.quiet, on_error=_skip_warner(failed), run=run,
+                                               output_format=settings.output_format)
         except KeyboardInterrupt:
             done = sum(_done_before(run, path, root) for path in files)
             print(f"interrupted: {done} of {len(files)} images done, listed in {out / outputs.COUNTS}; the run is "
@@ -529,12 +548,32 @@ def _segment(args: argparse.Namespace) -> int:
                              f"resume with `{resume}`)") from None
     total = sum(row["n_nuclei"] for row in rows)
     print(f"segmented {len(rows) - done_before} of {len(files)} images ({done_before} done before, skipped): "
-          f"{total} nuclei in all; label images (16-bit PNG) and counts.csv in {out}")
+          f"{total} nuclei in all; label images ({_formats_written(label_formats)}) and counts.csv in {out}")
     if failed:
         print(f"error: {len(failed)} of {len(files)} files could not be segmented; fix or remove them and rerun "
               "the same command to do just those", file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _dask_client(args: argparse.Namespace) -> Iterator[Any]:
+    """A Dask client for ``segment --workers N`` (a local cluster, closed after) or ``--scheduler ADDRESS`` (a
+    running one), or None without either option (:func:`cellkit.cluster.connect`)."""
+    if args.workers is None and args.scheduler is None:
+        yield None
+        return
+    from cellkit import cluster
+
+    with cluster.connect(workers=args.workers, scheduler=args.scheduler) as client:
+        print(f"segmenting on {cluster.describe(client)}", flush=True)
+        yield client
+
+
+def _formats_written(label_formats: dict[Path, str]) -> str:
+    """The label formats of a run in words, e.g. ``16-bit PNG, OME-Zarr``."""
+    words = {"png": "16-bit PNG", "ome-zarr": "OME-Zarr", "ome-tiff": "OME-TIFF"}
+    return ", ".join(words[fmt] for fmt in words if fmt in set(label_formats.values())) or "16-bit PNG"
 
 
 def _add_train_unet(train_commands: argparse._SubParsersAction) -> None:
@@ -581,10 +620,13 @@ def _add_evaluate_segmentation(evaluate_commands: argparse._SubParsersAction) ->
 def _add_segment(commands: argparse._SubParsersAction) -> None:
     parser = _add_command(
         commands, "segment", _segment,
-        "segment nuclei in an image or a folder (PNG, TIFF 8/16-bit, JPEG; grey or RGB; any size): a 16-bit "
-        "label PNG per image and counts.csv",
+        "segment nuclei in an image or a folder (PNG, TIFF 8/16-bit, OME-TIFF, OME-Zarr, JPEG; grey or RGB; any "
+        "size): a label image per image (16-bit PNG, or OME-Zarr/OME-TIFF: --output-format) and counts.csv",
         "cellkit segment --model models/unet.keras --input my_images/ --out masks/ --overlay\n"
-        "  cellkit segment --resume --out masks/      # after an interruption: the images not done yet",
+        "  cellkit segment --resume --out masks/      # after an interruption: the images not done yet\n"
+        "  cellkit segment --model models/unet.keras --input my_images/ --out masks/ --workers 2\n"
+        "  cellkit segment --model models/unet.keras --input /shared/images/ --out /shared/masks/ "
+        "--scheduler tcp://10.0.0.5:8786",
     )
     parser.add_argument("--model", metavar="FILE.keras", help="a model from cellkit train unet (required, unless "
                                                                   "--resume)")
@@ -604,13 +646,68 @@ def _add_segment(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"),
                         help="auto (the default, and the app's): mixed bfloat16 where the CPU supports it (about "
                              "twice as fast)")
+    parser.add_argument("--output-format", choices=("auto", "png", "ome-zarr", "ome-tiff"),
+                        help="labels as a 16-bit PNG, an OME-Zarr or an OME-TIFF (uint32, with the input's pixel "
+                             "size); auto (the default): PNG up to 4096 x 4096 px, OME-Zarr above. OME-Zarr and "
+                             "OME-TIFF labels of larger images are made block by block, in bounded memory")
     parser.add_argument("--resume", action="store_true",
                         help="continue the unfinished run in --out with its model, input and options (those given "
                              "here must match them)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into a folder cellkit did not write, or of another model, input or options, "
                              "starting afresh: files of the names this run writes are replaced, nothing is deleted")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="segment on a Dask cluster of N worker processes started on this machine, each loading "
+                            "the model once (the same labels and counts as without it)")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="segment on a running Dask cluster, e.g. tcp://10.0.0.5:8786 (started with `dask "
+                            "scheduler` and `dask worker ADDRESS`); its workers must see --model, --input and --out "
+                            "under the same paths (a shared file system)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# --- cellkit export ------------------------------------------------------------------------------------
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cellkit import export
+
+    result = export.export_bioimageio(args.model, args.out, sample=args.sample, overwrite=args.overwrite,
+                                      authors=args.author or (), cite_url=args.cite_url,
+                                      log=lambda line: print(line, flush=True))
+    print(f"wrote {result.path}: a bioimage.io model (spec 0.5), weights {' and '.join(result.weight_formats)}; "
+          f"format validation: {result.validation}, bioimageio.core's test: {result.test}")
+    for limit in result.not_in_package:
+        print(f"  outside the package (see its documentation): {limit}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    parser = _add_command(
+        commands, "export", _export,
+        "package a trained model as a bioimage.io model (spec 0.5: Keras and TensorFlow weights, test input and "
+        "output, cover, documentation, licence, citations), checked with bioimageio.spec and bioimageio.core before "
+        "it is written",
+        "cellkit export --format bioimageio --model models/unet.keras --out unet.bioimageio.zip",
+    )
+    parser.add_argument("--format", choices=("bioimageio",), default="bioimageio",
+                        help="package format (default: bioimageio)")
+    parser.add_argument("--model", required=True, metavar="FILE.keras",
+                        help="a model from cellkit train unet or cellkit train classifier")
+    parser.add_argument("--out", required=True, metavar="FILE.zip", help="the package to write (checked before the "
+                                                                         "work)")
+    parser.add_argument("--sample", metavar="IMAGE",
+                        help="the image the test input is made from (default: the first test image of dsb2018 for a "
+                             "U-Net, of pbc28 for a classifier)")
+    parser.add_argument("--author", action="append", metavar="NAME",
+                        help="an author named in the package (repeat for several; default: the cellkit authors)")
+    parser.add_argument("--cite-url", metavar="URL",
+                        help="where cellkit or this model is published, cited in the package (a bioimage.io "
+                             "citation needs a DOI or a URL; without it cellkit is named but not cited)")
+    _add_overwrite(parser, "replace an existing --out package")
 
 
 # --- cellkit app ---------------------------------------------------------------------------------------
@@ -705,6 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classify(commands)
     _add_segment(commands)
     _add_app(commands)
+    _add_export(commands)
 
     report = _add_command(commands, "report", _report,
                           "the README results table from figures/*/metrics.json and notebooks/results.yml",

@@ -99,6 +99,36 @@ def replacing(path: str | Path, keep_suffix: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def replacing_folder(path: str | Path) -> Iterator[Path]:
+    """:func:`replacing` for an output that is a folder (an OME-Zarr): a temporary folder name beside ``path`` to
+    write into, renamed onto ``path`` when the block ends without an exception and removed when it ends with one.
+    A folder already at ``path`` (the same output of an earlier run) is first renamed aside, then removed once the
+    new one is in place, so that ``path`` never holds half of either."""
+    import shutil
+
+    path = Path(path)
+    temp = temporary_name(path)
+    try:
+        yield temp
+        if path.is_dir():
+            old = temporary_name(path)
+            os.replace(path, old)
+            os.replace(temp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temp, path)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def present(path: str | Path) -> bool:
+    """Whether an output is there: a file, or a folder output such as ``NAME.ome.zarr``."""
+    path = Path(path)
+    return path.is_file() or (path.is_dir() and path.suffix.lower() == ".zarr")
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary name (:func:`replacing`), making its folder if needed."""
     path = Path(path)
@@ -338,7 +368,7 @@ class RunFolder:
             return None
         outputs = [entry.get("output"), entry.get("overlay")] if self.header["options"].get("overlay") \
             else [entry.get("output")]
-        if not all(isinstance(name, str) and (self.folder / name).is_file() for name in outputs):
+        if not all(isinstance(name, str) and present(self.folder / name) for name in outputs):
             return None
         return entry
 
@@ -359,7 +389,7 @@ class RunFolder:
         """The entries whose label file is there, by input: what ``counts.csv`` lists."""
         with self._lock:
             entries = sorted(self.entries.values(), key=lambda e: e["input"])
-        return [e for e in entries if isinstance(e.get("output"), str) and (self.folder / e["output"]).is_file()]
+        return [e for e in entries if isinstance(e.get("output"), str) and present(self.folder / e["output"])]
 
     def write_counts(self) -> Path:
         """``counts.csv`` (file, n_nuclei, mean_area_px) from the entries whose label file is there, by input."""

@@ -347,28 +347,6 @@ def test_cli_app_passes_the_allowed_host_names_on(tmp_path, monkeypatch):
 # --- the app in a browser ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_models(real_data, tmp_path_factory) -> Path:
-    """A LeNet trained for one epoch on 20 real PBC-28 images per class, and a 4-filter U-Net trained for 6 steps on
-    6 real DSB images: enough to exercise every path of the app in seconds (their predictions are not good)."""
-    from cellkit import training, unet
-
-    folder = tmp_path_factory.mktemp("app_models")
-    train = datasets.per_class(datasets.load_pbc28("train"), 20)
-    val = datasets.per_class(datasets.load_pbc28("val"), 5)
-    run = training.train_classifier("lenet", train, val, crop=datasets.loaders.PBC_CROP, epochs=1, progress="none",
-                                    measure_throughput=False)
-    run.save(folder / "lenet.keras")
-    manifest = datasets.load_dsb2018_manifest()
-    ids = manifest.loc[manifest["size_group"] == "256x256", "image_id"].iloc[:8].tolist()
-    segmenter = unet.train_unet(datasets.load_dsb2018(ids[:6]), datasets.load_dsb2018(ids[6:]),
-                                config=unet.UNetConfig(epochs=2, steps_per_epoch=3, base_filters=4, crop=64,
-                                                       batch_size=4, val_crops=4, val_crop_size=64),
-                                progress="none", tune=False, measure_throughput=False)
-    segmenter.save(folder / "unet.keras")
-    return folder
-
-
 def test_a_damaged_model_file_is_one_line(tiny_models, dsb_png, tmp_path):
     _damaged_copy(tiny_models / "unet.keras", tmp_path / "unet.keras")
     (tmp_path / "garbage.keras").write_bytes(bytes(range(256)) * 64)

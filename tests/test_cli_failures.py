@@ -16,6 +16,7 @@ import csv
 import hashlib
 import json
 import shutil
+import socket
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -147,6 +148,16 @@ def add_five_channels(i: Path, w: Path) -> None:
     tifffile.imwrite(i / "dsb" / "five.tif", np.dstack([grey] * 5), photometric="minisblack", planarconfig="contig")
 
 
+def add_zarr_without_yx(i: Path, w: Path) -> None:
+    """An OME-Zarr whose axes are t, c, z: no y and x to segment."""
+    import zarr
+
+    group = zarr.open_group(str(i / "bad.ome.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=(2, 40, 50), dtype="uint8")
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "t"}, {"name": "c"}, {"name": "z"}],
+                                   "datasets": [{"path": "0"}]}]
+
+
 def add_broken(target: str) -> Callable[[Path, Path], None]:
     return lambda i, w: (i / target).write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
 
@@ -161,6 +172,10 @@ def add_big(folder: str) -> Callable[[Path, Path], None]:
 
 def file_at(name: str) -> Callable[[Path, Path], None]:
     return lambda i, w: (w / name).write_text("the user's own file\n")
+
+
+def text_at(name: str) -> Callable[[Path, Path], None]:
+    return lambda i, w: (i / name).write_text("notes, not a model\n")
 
 
 def folder_at(name: str) -> Callable[[Path, Path], None]:
@@ -208,7 +223,15 @@ def report_counts_unreadable(w: Path) -> None:
 
 SEGMENT = ["segment", "--model", "{i}/models/unet.keras", "--input", "{i}/dsb", "--out", "{w}/masks", "--quiet"]
 CLASSIFY = ["classify", "--model", "{i}/models/lenet.keras", "{i}/pbc", "--csv", "{w}/p.csv"]
+EXPORT = ["export", "--format", "bioimageio", "--model", "{i}/models/unet.keras", "--out", "{w}/u.zip"]
 DSB = ("n0.png", "n1.png", "n2.png")
+
+
+def _free_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (it was free a moment ago)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def fill(argv: list[str], i: Path, w: Path) -> list[str]:
@@ -260,6 +283,8 @@ CASES = {
     "segment --resume --overwrite": Case(SEGMENT + ["--resume", "--overwrite"], ("give one of them",)),
     "segment without --model": Case(["segment", "--input", "{i}/dsb", "--out", "{w}/masks"], ("--model",)),
     "segment inside its input": Case(option(SEGMENT, "--out", "{i}/dsb/masks"), ("refusing",)),
+    "segment on an unreachable Dask scheduler": Case(SEGMENT + ["--scheduler", f"tcp://127.0.0.1:{_free_port()}"],
+                                                     ("cannot reach the Dask scheduler at tcp://127.0.0.1:",)),
     # segment: the model
     "segment with a damaged model": Case(model(SEGMENT, "unet_damaged.keras"), ("unet_damaged.keras", "damaged"),
                                          pending=PENDING_MODEL_CHECKS),
@@ -268,6 +293,8 @@ CASES = {
     "segment with garbage for a model": Case(model(SEGMENT, "garbage.keras"), ("garbage.keras", "not a .keras")),
     "segment with a classifier": Case(model(SEGMENT, "lenet.keras"), ("not a U-Net", "cellkit classify")),
     "segment with a missing model": Case(model(SEGMENT, "none.keras"), ("none.keras", "cellkit train unet")),
+    "segment an OME-Zarr without y and x axes": Case(option(SEGMENT, "--input", "{i}/bad.ome.zarr"),
+                                                     ("bad.ome.zarr", "y and x axes"), add_zarr_without_yx),
     # segment: one bad image among good ones
     "segment a folder with a 225-megapixel image": Case(SEGMENT, setup=add_big("dsb"), fatal=False,
                                                         warned=("big.png",), check=counts_list(*DSB)),
@@ -317,6 +344,17 @@ CASES = {
                                            "--quiet"], ("is a file, not a folder",), file_at("blocker")),
     "train unet --out names a folder": Case(["train", "unet", "--data", "{i}", "--out", "{w}/u.keras", "--quiet"],
                                             ("names a folder",), folder_at("u.keras")),
+    # export
+    "export garbage for a model": Case(model(EXPORT, "garbage.keras"), ("garbage.keras", "not a .keras model file")),
+    "export a text file": Case(option(EXPORT, "--model", "{i}/notes.txt"), ("notes.txt", "ending in .keras"),
+                               text_at("notes.txt")),
+    "export a text file named .keras": Case(option(EXPORT, "--model", "{i}/notes.keras"),
+                                            ("notes.keras", "not a .keras model file"), text_at("notes.keras")),
+    "export a missing model": Case(model(EXPORT, "none.keras"), ("none.keras", "no such model file")),
+    "export a truncated model": Case(model(EXPORT, "unet_truncated.keras"),
+                                     ("unet_truncated.keras", "not a .keras model file")),
+    "export --out exists": Case(EXPORT, ("u.zip", "already exists", "--overwrite"), file_at("u.zip")),
+    "export --out not a zip": Case(option(EXPORT, "--out", "{w}/u.tar"), ("u.tar", ".zip")),
 }
 
 

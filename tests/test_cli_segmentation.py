@@ -297,8 +297,11 @@ def test_segment_interrupted_by_ctrl_c_is_marked_unfinished_and_resumes(workspac
         shutil.copy(workspace["data"] / "images" / f"{image_id}.png", images / f"{n:02d}.png")
     out = tmp_path / "masks"
     command = ["--model", str(workspace["model"]), "--input", str(images), "--out", str(out), "--overlay"]
+    # a suite started in the background (`make test &`) inherits SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the child the default disposition, as a terminal would
     process = subprocess.Popen([sys.executable, "-m", "cellkit.cli", "segment", *command, "--quiet"],
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while process.poll() is None and time.monotonic() < deadline:
         entries = out / "cellkit-run.jsonl"

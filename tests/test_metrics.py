@@ -449,3 +449,11 @@ def test_two_methods_scored_on_the_same_images_are_compared_in_pairs():
     assert metrics.scores_difference(half, half, "seg").contains(0)
     with pytest.raises(ValueError, match="same images"):
         metrics.scores_difference(perfect, metrics.segmentation_scores(gts[:5], gts[:5]), "seg")
+
+
+def test_the_macro_f1_of_the_interval_is_scikit_learns():
+    rng = np.random.default_rng(4)
+    y_true = rng.choice([0, 1, 2, 4], 300)  # class 3 never occurs
+    y_pred = np.where(rng.random(300) < 0.7, y_true, rng.choice([0, 1, 2, 4, 5], 300))
+    expected = metrics.classification_report(y_true, y_pred, list("abcdef"))["macro_f1"]
+    assert metrics.macro_f1_interval(y_true, y_pred, 6).estimate == pytest.approx(expected, abs=1e-12)

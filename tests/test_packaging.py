@@ -59,7 +59,7 @@ def test_ruff_is_clean():
 def test_library_modules_that_must_stay_light_do_not_import_keras():
     # the command line answers --help and rejects a wrong model file before TensorFlow has loaded
     light = ("datasets", "plots", "notebooks", "config", "metrics", "segmentation", "transforms", "features", "cli",
-             "runtime", "saving", "classifiers", "unet", "inference")
+             "runtime", "saving", "classifiers", "unet", "inference", "formats", "blockwise")
     code = (
         f"import sys, {', '.join('cellkit.' + name for name in light)};"
         "heavy = [m for m in ('keras', 'tensorflow') if m in sys.modules]; print(heavy); sys.exit(bool(heavy))"
