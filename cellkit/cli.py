@@ -516,6 +516,8 @@ def _segment(args: argparse.Namespace) -> int:
                                       model=str(model.resolve()), resume=resume)
     outputs.RunFolder.check(out, header, args.overwrite)  # before the model loads: a refusal costs nothing
     on_cluster = args.workers is not None or args.scheduler is not None
+    if on_cluster:  # the workers load the model; damaged weights are refused here, before a cluster starts
+        saving.check_weights(model, saving.read_metadata(model))
     trained = None if on_cluster else unet.load_unet(model, precision=precision)  # on a cluster: once per worker
     failed: list[Path] = []
     with _sigterm_as_interrupt(), _dask_client(args) as client:  # connected before anything is written

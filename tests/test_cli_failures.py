@@ -29,13 +29,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cellkit import cli, datasets, outputs, runtime, saving
+from cellkit import cli, datasets, outputs
 from cellkit.datasets import loaders
 
 # what the rows of the other half of issue 22 need; while absent, those rows are expected to fail
-PENDING_MODEL_CHECKS = not hasattr(saving, "check_weights")
-PENDING_IMAGE_CHECKS = not hasattr(loaders, "MAX_IMAGE_PIXELS")
-PENDING_FINITE_CHECKS = not hasattr(runtime, "finite_outputs")
 
 
 def _big_png(path: Path, side: int = 15_000) -> None:
@@ -261,7 +258,6 @@ class Case:
     fatal: bool = True
     warned: tuple[str, ...] = ()
     check: Callable[[Path], None] | None = None
-    pending: bool = False
 
 
 CASES = {
@@ -286,8 +282,9 @@ CASES = {
     "segment on an unreachable Dask scheduler": Case(SEGMENT + ["--scheduler", f"tcp://127.0.0.1:{_free_port()}"],
                                                      ("cannot reach the Dask scheduler at tcp://127.0.0.1:",)),
     # segment: the model
-    "segment with a damaged model": Case(model(SEGMENT, "unet_damaged.keras"), ("unet_damaged.keras", "damaged"),
-                                         pending=PENDING_MODEL_CHECKS),
+    "segment with a damaged model": Case(model(SEGMENT, "unet_damaged.keras"), ("unet_damaged.keras", "damaged")),
+    "segment on a cluster with a damaged model": Case(model(SEGMENT, "unet_damaged.keras") + ["--workers", "1"],
+                                                      ("unet_damaged.keras", "damaged")),
     "segment with a truncated model": Case(model(SEGMENT, "unet_truncated.keras"),
                                            ("unet_truncated.keras", "not a .keras model file")),
     "segment with garbage for a model": Case(model(SEGMENT, "garbage.keras"), ("garbage.keras", "not a .keras")),
@@ -299,30 +296,25 @@ CASES = {
     "segment a folder with a 225-megapixel image": Case(SEGMENT, setup=add_big("dsb"), fatal=False,
                                                         warned=("big.png",), check=counts_list(*DSB)),
     "segment a folder with a multi-page TIFF": Case(SEGMENT, setup=add_multipage_tif("dsb"), fatal=False,
-                                                    warned=("stack.tif",), check=counts_list(*DSB),
-                                                    pending=PENDING_IMAGE_CHECKS),
+                                                    warned=("stack.tif",), check=counts_list(*DSB)),
     "segment a folder with a 5-channel image": Case(SEGMENT, setup=add_five_channels, fatal=False,
-                                                    warned=("five.tif",), check=counts_list(*DSB),
-                                                    pending=PENDING_IMAGE_CHECKS),
+                                                    warned=("five.tif",), check=counts_list(*DSB)),
     "segment a folder with an unreadable image": Case(SEGMENT, setup=add_broken("dsb/broken.png"), fatal=False,
                                                       warned=("broken.png",), check=counts_list(*DSB)),
     "segment with a model of NaN weights": Case(model(SEGMENT, "unet_nan.keras"), ("unet_nan.keras", "NaN"),
-                                                check=run_failed, pending=PENDING_FINITE_CHECKS),
+                                                check=run_failed),
     # classify
     "classify --csv names a folder": Case(option(CLASSIFY, "--csv", "{w}"), ("names a folder",)),
     "classify --csv exists": Case(CLASSIFY, ("p.csv", "already exists", "--overwrite"), file_at("p.csv")),
     "classify --csv under a file": Case(option(CLASSIFY, "--csv", "{w}/blocker/p.csv"), ("is a file, not a folder",),
                                         file_at("blocker")),
     "classify --csv inside its input": Case(option(CLASSIFY, "--csv", "{i}/pbc/p.csv"), ("refusing",)),
-    "classify with a damaged model": Case(model(CLASSIFY, "lenet_damaged.keras"), ("lenet_damaged.keras", "damaged"),
-                                          pending=PENDING_MODEL_CHECKS),
-    "classify with a model of NaN weights": Case(model(CLASSIFY, "lenet_nan.keras"), ("lenet_nan.keras", "NaN"),
-                                                 pending=PENDING_FINITE_CHECKS),
+    "classify with a damaged model": Case(model(CLASSIFY, "lenet_damaged.keras"), ("lenet_damaged.keras", "damaged")),
+    "classify with a model of NaN weights": Case(model(CLASSIFY, "lenet_nan.keras"), ("lenet_nan.keras", "NaN")),
     "classify a folder with a 225-megapixel image": Case(CLASSIFY, setup=add_big("pbc"), fatal=False,
                                                          warned=("big.png",), check=csv_rows(3)),
     "classify a folder with a multi-page TIFF": Case(CLASSIFY, setup=add_multipage_tif("pbc"), fatal=False,
-                                                     warned=("stack.tif",), check=csv_rows(3),
-                                                     pending=PENDING_IMAGE_CHECKS),
+                                                     warned=("stack.tif",), check=csv_rows(3)),
     # evaluate
     "evaluate classifier --json under a file": Case(
         ["evaluate", "classifier", "--model", "{i}/models/lenet.keras", "--data", "{i}/pbc_classes", "--json",
@@ -358,12 +350,7 @@ CASES = {
 }
 
 
-def _params() -> list:
-    pending = pytest.mark.xfail(strict=False, reason="pending loader/model checks")
-    return [pytest.param(case, id=name, marks=[pending] if case.pending else []) for name, case in CASES.items()]
-
-
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", [pytest.param(case, id=name) for name, case in CASES.items()])
 def test_failure_table(case, template, tmp_path, capsys):
     inputs, work = tmp_path / "in", tmp_path / "work"
     shutil.copytree(template, inputs)
