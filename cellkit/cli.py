@@ -748,7 +748,7 @@ def _add_app(commands: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from cellkit import __version__
-    from cellkit.notebooks import PROFILES
+    from cellkit.config import PROFILES  # not from notebooks: --help should not wait for matplotlib
 
     parser = argparse.ArgumentParser(
         prog="cellkit",

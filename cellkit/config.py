@@ -65,6 +65,9 @@ def data_search_dirs() -> list[Path]:
     return dirs
 
 
+#: The notebooks' parameter profiles, from quickest to fullest (``notebooks/profiles.yml`` holds their overrides).
+PROFILES = ("smoke", "default", "full")
+
 #: Profiles whose runs only check that the code runs: their figures go to ``figures/<profile>/<notebook>/``
 #: so that they never replace the figures and numbers of a ``default`` or ``full`` run.
 CHECK_PROFILES = ("smoke",)

@@ -31,7 +31,7 @@ import yaml
 from cellkit import config, plots
 from cellkit.datasets import DatasetNotFound, ImageSet, SegmentationSet
 
-PROFILES = ("smoke", "default", "full")
+PROFILES = config.PROFILES
 #: Packages whose versions every metrics.json records.
 RECORDED_PACKAGES = (
     "numpy", "scipy", "pandas", "scikit-learn", "scikit-image", "opencv-python-headless",

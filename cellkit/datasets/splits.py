@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from cellkit import config
 from cellkit.datasets.loaders import load_dsb2018_manifest
@@ -57,6 +56,8 @@ def stratified_split(
 
 def _split(ids: list, strata: list, n_held: int, seed: int) -> tuple[list, list, list, list]:
     """(kept ids, held-out ids, their strata): ``n_held`` ids held out, stratified when every stratum can give one."""
+    from sklearn.model_selection import train_test_split  # here: importing datasets stays quick (cellkit --help)
+
     stratify = strata if len(set(strata)) <= min(n_held, len(ids) - n_held) else None
     return train_test_split(ids, strata, test_size=n_held, stratify=stratify, random_state=seed)
 
