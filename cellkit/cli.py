@@ -67,13 +67,25 @@ def _data_check(args: argparse.Namespace) -> int:
     from cellkit import datasets
 
     missing = [entry for entry in datasets.REGISTRY.values() if datasets.locate(entry.name) is None]
+    names = sorted({e.fetch_name for e in missing})
+    if missing and args.fetch:
+        from cellkit.datasets import fetch
+
+        print(f"real data missing ({', '.join(e.name for e in missing)}): fetching {' '.join(names)}", flush=True)
+        try:
+            for name in names:
+                fetch.fetch(name, progress=not args.quiet)
+        except Exception as error:  # noqa: BLE001 - any failure of the download ends in the one line below
+            print(f"error: fetching {' '.join(names)} failed ({_one_line(error)}); set CELLKIT_DATA_DIR to a folder "
+                  "that holds the datasets (see data/README.md)", file=sys.stderr)
+            return 1
+        missing = [entry for entry in datasets.REGISTRY.values() if datasets.locate(entry.name) is None]
     for entry in datasets.REGISTRY.values():
         print(f"{entry.name}: {datasets.locate(entry.name) or 'MISSING'}")
     if missing:
-        names = " ".join(sorted({e.fetch_name for e in missing}))
         print(
             f"error: real data missing ({', '.join(e.name for e in missing)}); set CELLKIT_DATA_DIR to a folder "
-            f"that holds them or run `cellkit data fetch {names}`",
+            f"that holds them or run `cellkit data fetch {' '.join(names)}`",
             file=sys.stderr,
         )
         return 1
@@ -769,8 +781,11 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(title="data commands", metavar="ACTION", required=True)
     _add_command(data_commands, "list", _data_list, "show each dataset, where it was found, its licence and citation",
                  "cellkit data list")
-    _add_command(data_commands, "check", _data_check, "exit non-zero unless every dataset is found",
-                 "CELLKIT_DATA_DIR=/path/to/data cellkit data check")
+    check = _add_command(data_commands, "check", _data_check, "exit non-zero unless every dataset is found",
+                         "CELLKIT_DATA_DIR=/path/to/data cellkit data check\n  cellkit data check --fetch")
+    check.add_argument("--fetch", action="store_true",
+                       help="download and build the missing datasets first (what make test and make run do)")
+    check.add_argument("--quiet", action="store_true", help="no progress bar while fetching")
     fetch = _add_command(data_commands, "fetch", _data_fetch,
                          "download the public originals and build the project's layout (checksums, resumable)",
                          "cellkit data fetch pbc dsb2018")

@@ -83,6 +83,29 @@ def test_data_check_fails_in_one_line_without_data(no_real_data):
     assert result.stderr.count("\n") == 1 and "CELLKIT_DATA_DIR" in result.stderr
 
 
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:  # bound, never listening: a connection is refused at once
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_data_check_fetch_that_fails_names_the_alternative_in_one_line(no_real_data):
+    mirror = f"http://127.0.0.1:{_closed_port()}"
+    result = run_cli("data", "check", "--fetch", "--quiet", env={"CELLKIT_DOWNLOAD_MIRROR": mirror})
+    assert result.returncode == 1 and "fetching dsb2018 pbc" in result.stdout
+    last = result.stderr.strip().splitlines()[-1]  # above it: the downloader's line saying what it tried
+    assert last.startswith("error: fetching dsb2018 pbc failed") and "CELLKIT_DATA_DIR" in last
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+
+
+def test_data_check_fetch_with_the_data_present_fetches_nothing(real_data):
+    result = run_cli("data", "check", "--fetch", env={"CELLKIT_DOWNLOAD_MIRROR": "http://127.0.0.1:9"})
+    assert result.returncode == 0, result.stderr
+    assert "fetching" not in result.stdout and "MISSING" not in result.stdout
+
+
 def test_unknown_notebook_is_a_one_line_error():
     result = run_cli("run-notebooks", "--only", "99")
     assert result.returncode == cli.EXIT_BAD_INPUT
