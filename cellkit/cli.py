@@ -119,9 +119,16 @@ def _run_notebooks(args: argparse.Namespace) -> int:
         status = "ok" if result.ok else f"FAILED ({result.error})"
         print(f"<-- {path.name}: {status} in {result.seconds:.1f} s; executed copy: {result.output}", flush=True)
         results.append(result)
-    print("\nnotebook                                   seconds  status")
+    data_words = {True: "SIMULATED stand-in", False: "real", None: "no record"}
+    print("\nnotebook                                   seconds  status  data")
     for result in results:
-        print(f"{result.notebook:<42} {result.seconds:>7.1f}  {'ok' if result.ok else 'FAILED'}")
+        print(f"{result.notebook:<42} {result.seconds:>7.1f}  {'ok' if result.ok else 'FAILED':<6}  "
+              f"{data_words[result.synthetic_data]}")
+    simulated = [r.notebook for r in results if r.synthetic_data]
+    if simulated:
+        print(f"WARNING: {len(simulated)} notebook(s) ran on the simulated stand-in, not the real data: "
+              f"{', '.join(simulated)}; their numbers are not the course's (get the data: cellkit data check --fetch)",
+              file=sys.stderr)
     failed = [r for r in results if not r.ok]
     if failed:
         print(f"error: {len(failed)} notebook(s) failed: {', '.join(r.notebook for r in failed)}", file=sys.stderr)

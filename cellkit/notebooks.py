@@ -259,10 +259,21 @@ class NotebookResult:
     seconds: float
     output: Path
     error: str | None = None
+    #: What the run's metrics.json says: True when it fell back to the simulated stand-in, None without a record.
+    synthetic_data: bool | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+def recorded_synthetic(notebook: str, profile: str, since: float) -> bool | None:
+    """Whether the metrics.json that ``notebook`` wrote in ``profile`` at or after ``since`` (seconds since the
+    epoch) records the simulated stand-in; None when no record was written since then."""
+    path = config.figures_dir(notebook, profile) / "metrics.json"
+    if not path.is_file() or path.stat().st_mtime < since:
+        return None
+    return bool(json.loads(path.read_text()).get("synthetic_data"))
 
 
 def executed_dir(profile: str) -> Path:
@@ -282,7 +293,7 @@ def run_notebook(path: Path, profile: str, output_dir: Path | None = None, progr
     output_dir = output_dir or executed_dir(profile)
     output_dir.mkdir(parents=True, exist_ok=True)
     output = output_dir / path.name
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     error = None
     try:
         papermill.execute_notebook(
@@ -291,7 +302,8 @@ def run_notebook(path: Path, profile: str, output_dir: Path | None = None, progr
         )
     except papermill.PapermillExecutionError as failure:
         error = f"cell {failure.cell_index}: {failure.ename}: {failure.evalue}"
-    return NotebookResult(path.stem, profile, time.perf_counter() - started, output, error)
+    return NotebookResult(path.stem, profile, time.perf_counter() - started, output, error,
+                          recorded_synthetic(path.stem, profile, started_at))
 
 
 def strip_outputs(path: Path) -> bool:

@@ -135,3 +135,28 @@ def test_write_results_table_replaces_only_the_marked_part(figures, tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         notebooks.write_results_table(readme)
+
+
+def test_a_run_reports_whether_its_record_used_the_stand_in(no_real_data, figures):
+    import time
+
+    started = time.time() - 1
+    assert notebooks.recorded_synthetic("99_demo", "smoke", started) is None  # nothing written yet
+    run = notebooks.NotebookRun("99_demo", profile="smoke")
+    with pytest.warns(UserWarning):
+        run.load("pbc28", split="train")
+    run.finish(metrics={}, headline={})
+    assert notebooks.recorded_synthetic("99_demo", "smoke", started) is True
+    assert notebooks.recorded_synthetic("99_demo", "smoke", time.time() + 60) is None  # an older record
+
+
+def test_the_summary_marks_notebooks_that_ran_on_the_stand_in(monkeypatch, tmp_path, capsys):
+    from cellkit import cli
+
+    ran = {"01_eda": True, "03_handcrafted_features_random_forest": False}
+    monkeypatch.setattr(notebooks, "run_notebook", lambda path, profile, **options: notebooks.NotebookResult(
+        path.stem, profile, 1.0, tmp_path / path.name, None, ran[path.stem]))
+    assert cli.main(["run-notebooks", "--profile", "smoke", "--only", "01", "03", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "01_eda" in out and "SIMULATED stand-in" in out and out.count("  real") == 1
+    assert err.startswith("WARNING: 1 notebook(s) ran on the simulated stand-in") and "01_eda" in err
