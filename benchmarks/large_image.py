@@ -17,15 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
-
-
-def peak_rss_mib() -> float:
-    """The process' peak resident set size so far, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_image(path: Path, size: int, tile: int, nuclei_per_tile: int, variants: int, seed: int) -> float:
@@ -62,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from cellkit import blockwise, unet
+    from cellkit import blockwise, runtime, unet
 
     work = Path(args.work)
     if work.exists() and any(work.iterdir()):  # never empty a folder the user may keep something in
@@ -70,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     build_seconds = build_image(work / "image.zarr", args.size, args.tile, args.nuclei_per_tile, args.variants,
                                 args.seed)
-    rss_after_build = peak_rss_mib()
+    rss_after_build = runtime.peak_memory_mb()
     print(f"built a {args.size} x {args.size} image in {build_seconds:.0f} s (peak RSS {rss_after_build:.0f} MiB)",
           flush=True)
 
@@ -88,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
               "base_filters": trained.config.base_filters, "depth": trained.config.depth, "block": block,
               "workers": args.workers, "build_seconds": round(build_seconds, 1),
               "segment_seconds": round(seconds, 1), "mpx_per_s": round(args.size**2 / 1e6 / seconds, 3),
-              "peak_rss_mib": round(peak_rss_mib()), "peak_rss_after_build_mib": round(rss_after_build), **summary}
+              "peak_rss_mib": round(runtime.peak_memory_mb()), "peak_rss_after_build_mib": round(rss_after_build),
+              **summary}
     print(json.dumps(result))
     return 0
 

@@ -48,13 +48,13 @@ def measure(client, model: Path, files: list[Path], root: Path, precision: str, 
     seconds = time.perf_counter() - start
     memory = cluster.worker_peak_memory(client)
     return {"workers": len(memory), "images": len(rows), "load_seconds": loaded, "seconds": seconds,
-            "images_per_second": len(rows) / seconds, "peak_mib": sorted(v / 2**20 for v in memory.values()),
+            "images_per_second": len(rows) / seconds, "peak_mib": sorted(memory.values()),
             "labels": _label_digest(out), "out": out}
 
 
 def measure_single_process(model: Path, files: list[Path], root: Path, precision: str, scratch: Path) -> dict:
     """The same images without Dask, as plain `cellkit segment` does them (in this process, steps overlapped)."""
-    from cellkit import cluster, inference, outputs, unet
+    from cellkit import inference, outputs, runtime, unet
 
     start = time.perf_counter()
     trained = unet.load_unet(model, precision=precision)
@@ -68,7 +68,7 @@ def measure_single_process(model: Path, files: list[Path], root: Path, precision
     rows = inference.segment_files(trained, files, out, root=root, tile=tile, run=run)
     seconds = time.perf_counter() - start
     return {"workers": 0, "images": len(rows), "load_seconds": loaded, "start_seconds": loaded, "seconds": seconds,
-            "images_per_second": len(rows) / seconds, "peak_mib": [cluster.peak_rss_bytes() / 2**20],
+            "images_per_second": len(rows) / seconds, "peak_mib": [runtime.peak_memory_mb()],
             "labels": _label_digest(out), "out": out}
 
 

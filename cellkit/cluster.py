@@ -206,7 +206,7 @@ def segment_task(spec: ModelSpec, path: str, root: str | None, out_dir: str, nam
     trained = worker_model(spec)
     source = Path(path)
     recorder, failed = _Entry(), {}
-    inference._segment_todo(trained=trained, files=[source], out_dir=Path(out_dir),
+    inference.segment_inputs(trained=trained, files=[source], out_dir=Path(out_dir),
                             names={source: tuple(Path(name) for name in names)},
                             root=Path(root) if root is not None else None, run=recorder, tile=tile, progress=False,
                             on_error=None, failed=failed, fmts={source: label_format})
@@ -222,17 +222,11 @@ def preload(client: Any, spec: ModelSpec) -> None:
     client.run(worker_model, spec)
 
 
-def peak_rss_bytes() -> int:
-    """The peak resident memory of this process so far, in bytes (Linux and macOS)."""
-    import resource
+def worker_peak_memory(client: Any) -> dict[str, float]:
+    """Peak resident memory in MiB of each worker process so far, by worker address."""
+    from cellkit import runtime
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def worker_peak_memory(client: Any) -> dict[str, int]:
-    """Peak resident memory in bytes of each worker process so far, by worker address."""
-    return client.run(peak_rss_bytes)
+    return client.run(runtime.peak_memory_mb)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -265,17 +259,7 @@ def segment_files(client: Any, model: str | Path, files: Sequence[Path], out_dir
     options = run.header["options"]
     spec = ModelSpec(str(Path(model).absolute()), run.header["model_sha256"], options["precision"],
                      bool(options["flips"]))
-    rows: dict[Path, dict[str, Any]] = {}
-    todo = []
-    for path in files:
-        try:
-            entry = run.finished_entry(inference.relative_input(path, root), path.stat())
-        except OSError:  # gone since it was listed: the worker that reads it says so
-            entry = None
-        if entry is None:
-            todo.append(path)
-        else:
-            rows[path] = inference._row(path, out_dir, entry)
+    rows, todo = inference.done_and_todo(run, files, out_dir, root)
     failed: dict[str, str] = {}
     futures: list[Any] = []
     bar = None
@@ -296,7 +280,7 @@ def segment_files(client: Any, model: str | Path, files: Sequence[Path], out_dir
             future.release()
             if "entry" in outcome:
                 run.record(outcome["entry"])  # the worker has put the files in place before returning
-                rows[path] = inference._row(path, out_dir, outcome["entry"])
+                rows[path] = inference.result_row(path, out_dir, outcome["entry"])
             else:
                 failed[inference.relative_input(path, root)] = outcome["failed"]
                 if on_error is not None:
@@ -306,11 +290,10 @@ def segment_files(client: Any, model: str | Path, files: Sequence[Path], out_dir
     except BaseException as error:
         with contextlib.suppress(Exception):  # the cluster may be gone; the run's record comes first
             client.cancel(futures)  # what runs finishes its file; it is not recorded, a rerun does it again
-        run.stop("interrupted" if isinstance(error, KeyboardInterrupt) else
-                 f"failed: {inference._first_line(error)}", failed)
+        inference.stop_run(run, error, failed)
         if isinstance(error, (KilledWorker, CancelledError)):
             raise ClusterFailed(f"the Dask cluster could not finish the run: {type(error).__name__}: "
-                                f"{inference._first_line(error)}") from None
+                                f"{inference.first_line(error)}") from None
         raise
     finally:
         if bar is not None:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from cellkit import outputs
-from cellkit.datasets import DataError, read_image
+from cellkit.datasets import DataError, loaders, read_image
 
 #: What ``cellkit segment --output-format`` accepts; ``auto`` is a PNG below :data:`LAZY_PIXELS`, else OME-Zarr.
 OUTPUT_FORMATS = ("auto", "png", "ome-zarr", "ome-tiff")
@@ -126,14 +126,7 @@ def _lazy_tiff(path: Path) -> Any:
             raise DataError(f"{path}: a TIFF of {len(tiff.pages)} pages (a stack, a movie or a channel per page); give "
                             "one image per file")
     store = tifffile.imread(path, aszarr=True)
-    array = da.from_zarr(zarr.open_array(store, mode="r"))
-    if array.ndim == 3 and array.shape[-1] in (2, 4):
-        array = array[..., :-1]
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
-        raise DataError(f"{path}: expected one 2-D grey or colour image, got an array of shape {array.shape}")
-    return array
+    return loaders.grey_or_colour(da.from_zarr(zarr.open_array(store, mode="r")), str(path))
 
 
 def tiff_pixel_size(path: str | Path) -> tuple[float, float] | None:

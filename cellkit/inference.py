@@ -81,7 +81,7 @@ def classify_files(trained: classifiers.TrainedModel, files: Sequence[Path], tta
                 kept.append(path)
             except SKIPPABLE as error:  # e.g. a 225-megapixel image: the others' results are kept
                 if on_error is not None:
-                    on_error(path, _first_line(error))
+                    on_error(path, first_line(error))
         if not batch:
             continue
         proba = trained.predict_proba(np.stack(batch), tta)
@@ -212,29 +212,19 @@ def segment_files(trained: unet.TrainedUNet, files: Sequence[Path], out_dir: str
         run = outputs.RunFolder.open(out_dir, segment_header(
             _weights_sha256(trained), root, tile_used, trained.flips, runtime.compute_precision(trained.model),
             overlay, output_format, command="cellkit.inference.segment_files"), overwrite)
-    rows: list[dict[str, Any]] = []
-    todo = []
-    for path in files:
-        try:
-            entry = run.finished_entry(relative_input(path, root), path.stat())
-        except OSError:  # gone since it was listed: reading it says so
-            entry = None
-        if entry is None:
-            todo.append(path)
-        else:
-            rows.append(_row(path, out_dir, entry))
+    done, todo = done_and_todo(run, files, out_dir, root)
+    rows = list(done.values())
     failed: dict[str, str] = {}
     try:
-        rows += _segment_todo(trained, todo, out_dir, names, root, run, tile, progress, on_error, failed, fmts)
+        rows += segment_inputs(trained, todo, out_dir, names, root, run, tile, progress, on_error, failed, fmts)
     except BaseException as error:
-        run.stop("interrupted" if isinstance(error, KeyboardInterrupt) else f"failed: {_first_line(error)}",
-                 failed)
+        stop_run(run, error, failed)
         raise
     run.finish(failed)
     return rows
 
 
-def _segment_todo(trained: unet.TrainedUNet, files: Sequence[Path], out_dir: Path,
+def segment_inputs(trained: unet.TrainedUNet, files: Sequence[Path], out_dir: Path,
                   names: dict[Path, tuple[Path, ...]], root: Path | None, run: outputs.RunFolder,
                   tile: int | None | str, progress: bool, on_error: Callable[[Path, str], None] | None,
                   failed: dict[str, str], fmts: dict[Path, str] | None = None) -> list[dict[str, Any]]:
@@ -273,17 +263,14 @@ def _segment_todo(trained: unet.TrainedUNet, files: Sequence[Path], out_dir: Pat
             if overlay_name:
                 _overlay_png(image, labels, out_dir / overlay_name[0])
         except OSError as error:  # the output folder, not this input: stop rather than fail every file alike
-            raise outputs.OutputError(f"{error.filename or out_dir}: cannot write ({error.strerror or error}); check "
-                                      "the output folder (space left, permissions, a file in the way)") from None
+            raise _cannot_write(error, out_dir) from None
         areas = np.bincount(labels.ravel())[1:]
         areas = areas[areas > 0]
-        entry = {"input": relative_input(path, root), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                 "output": label_name.as_posix(), "overlay": overlay_name[0].as_posix() if overlay_name else None,
-                 "n_nuclei": int(areas.size), "mean_area_px": round(float(areas.mean()), 1) if areas.size else 0.0,
-                 "height": int(labels.shape[0]), "width": int(labels.shape[1]),
-                 **({"pixel_size_um": list(pixel_size)} if pixel_size is not None else {})}
+        entry = _entry(path, root, stat, label_name, overlay_name[0] if overlay_name else None, pixel_size,
+                       n_nuclei=int(areas.size), mean_area_px=round(float(areas.mean()), 1) if areas.size else 0.0,
+                       height=int(labels.shape[0]), width=int(labels.shape[1]))
         run.record(entry)  # after the files are in place: the manifest never names a file that is not there
-        return _row(path, out_dir, entry)
+        return result_row(path, out_dir, entry)
 
     def by_blocks(path: Path) -> dict[str, Any]:
         stat = path.stat()
@@ -293,15 +280,11 @@ def _segment_todo(trained: unet.TrainedUNet, files: Sequence[Path], out_dir: Pat
             summary = blockwise.segment_blockwise(trained, opened.data, out_dir / label_name, fmts[path],
                                                   opened.pixel_size, tile=tile, progress=progress)
         except OSError as error:
-            raise outputs.OutputError(f"{error.filename or out_dir}: cannot write ({error.strerror or error}); "
-                                      "check the output folder (space left, permissions, a file in the way)"
-                                      ) from None
-        entry = {"input": relative_input(path, root), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                 "output": label_name.as_posix(), "overlay": None,
-                 **{key: summary[key] for key in ("n_nuclei", "mean_area_px", "height", "width", "blocks")},
-                 **({"pixel_size_um": list(opened.pixel_size)} if opened.pixel_size is not None else {})}
+            raise _cannot_write(error, out_dir) from None
+        entry = _entry(path, root, stat, label_name, None, opened.pixel_size,
+                       **{key: summary[key] for key in ("n_nuclei", "mean_area_px", "height", "width", "blocks")})
         run.record(entry)
-        return _row(path, out_dir, entry)
+        return result_row(path, out_dir, entry)
 
     def by_blocks_steps():
         for path in large:
@@ -316,9 +299,9 @@ def _segment_todo(trained: unet.TrainedUNet, files: Sequence[Path], out_dir: Pat
             if isinstance(outcome, (outputs.OutputError, runtime.NonFiniteOutputs)):  # every file would fail alike
                 raise outcome
             if isinstance(outcome, SKIPPABLE):
-                failed[relative_input(path, root)] = _first_line(outcome)
+                failed[relative_input(path, root)] = first_line(outcome)
                 if on_error is not None:
-                    on_error(path, _first_line(outcome))
+                    on_error(path, first_line(outcome))
             elif isinstance(outcome, BaseException):
                 raise outcome
             else:
@@ -330,6 +313,46 @@ def _segment_todo(trained: unet.TrainedUNet, files: Sequence[Path], out_dir: Pat
         if bar is not None:
             bar.close()
     return rows
+
+
+def _entry(path: Path, root: Path | None, stat: os.stat_result, label_name: Path, overlay_name: Path | None,
+           pixel_size: tuple[float, float] | None, **counts: Any) -> dict[str, Any]:
+    """The manifest entry of one segmented input: what it was (path under ``root``, size, modification time, read
+    before the image), what was written, ``counts`` (n_nuclei, mean_area_px, height, width, ...) and the pixel
+    size when the input had one."""
+    return {"input": relative_input(path, root), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "output": label_name.as_posix(), "overlay": overlay_name.as_posix() if overlay_name else None, **counts,
+            **({"pixel_size_um": list(pixel_size)} if pixel_size is not None else {})}
+
+
+def _cannot_write(error: OSError, out_dir: Path) -> outputs.OutputError:
+    """The one-line error that stops a run whose output folder cannot be written."""
+    return outputs.OutputError(f"{error.filename or out_dir}: cannot write ({error.strerror or error}); check the "
+                               "output folder (space left, permissions, a file in the way)")
+
+
+def done_and_todo(run: outputs.RunFolder, files: Sequence[Path], out_dir: Path, root: Path | None
+                  ) -> tuple[dict[Path, dict[str, Any]], list[Path]]:
+    """The inputs ``run`` finished before with the same file (their result rows, by path) and those still to do,
+    in the order of ``files``."""
+    done: dict[Path, dict[str, Any]] = {}
+    todo = []
+    for path in files:
+        try:
+            entry = run.finished_entry(relative_input(path, root), path.stat())
+        except OSError:  # gone since it was listed: reading it says so
+            entry = None
+        if entry is None:
+            todo.append(path)
+        else:
+            done[path] = result_row(path, out_dir, entry)
+    return done, todo
+
+
+def stop_run(run: outputs.RunFolder, error: BaseException, failed: dict[str, str]) -> None:
+    """Mark ``run`` unfinished because of ``error`` (interrupted by Ctrl-C or SIGTERM, or failed), its counts
+    written: what :func:`segment_files` and the cluster's run do before the exception goes on."""
+    run.stop("interrupted" if isinstance(error, KeyboardInterrupt) else f"failed: {first_line(error)}", failed)
 
 
 def _by_blocks(path: Path, fmt: str) -> bool:
@@ -351,12 +374,12 @@ def _read_whole(path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
     return image, formats.tiff_pixel_size(path) if path.suffix.lower() in (".tif", ".tiff") else None
 
 
-def _row(path: Path, out_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
+def result_row(path: Path, out_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
     """A row of :func:`segment_files` from a manifest entry."""
     return {"file": str(path), "labels": str(out_dir / entry["output"]),
             **{key: entry[key] for key in ("n_nuclei", "mean_area_px", "height", "width")}}
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

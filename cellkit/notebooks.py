@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from cellkit import config, plots
+from cellkit import config, plots, runtime
 from cellkit.datasets import DatasetNotFound, ImageSet, SegmentationSet
 
 PROFILES = config.PROFILES
@@ -185,7 +184,7 @@ class NotebookRun:
             "metrics": metrics,
             "figures": sorted(set(self.figures)),
             "wall_time_s": round(self.elapsed(), 2),
-            "peak_memory_mb": round(peak_memory_mb(), 1),
+            "peak_memory_mb": round(runtime.peak_memory_mb(), 1),
             "started_utc": self._started_at.isoformat(timespec="seconds"),
             "versions": package_versions(),
             "git_commit": git_commit(),
@@ -213,12 +212,6 @@ def _announce_synthetic(name: str, reason: str) -> None:
     )
     print(message, file=sys.stderr)
     warnings.warn(f"synthetic stand-in data used for {name!r}", stacklevel=3)
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux ``ru_maxrss`` is in KiB)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
 
 
 def package_versions() -> dict[str, str]:

@@ -189,3 +189,11 @@ def _outcome(outcome: Any) -> Any:
         return outcome.result()
     except Exception as error:  # noqa: BLE001
         return error
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -58,6 +58,12 @@ def decode_image(source: str | Path | BinaryIO, tiff: bool, name: str, hint: str
                         "cut it into tiles first") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"{name}: not a readable image ({error}){hint}") from None
+    return grey_or_colour(array, name)
+
+
+def grey_or_colour(array: Any, name: str) -> Any:
+    """``array`` as one (H, W) grey or (H, W, 3) colour image: alpha dropped, a single channel squeezed; a
+    one-line DataError naming ``name`` otherwise. Reads only the shape, so a dask or zarr array stays lazy."""
     if array.ndim == 3 and array.shape[-1] in (2, 4):  # grey+alpha or RGBA: alpha carries no signal here
         array = array[..., :-1]
     if array.ndim == 3 and array.shape[-1] == 1:
