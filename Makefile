@@ -25,6 +25,7 @@ run: $(STAMP)
 	@$(BIN)/cellkit data check --fetch || echo "WARNING: the real datasets are missing and could not be fetched: \
 	the notebooks fall back to the simulated stand-in and say so in their records and figures" >&2
 	$(BIN)/cellkit run-notebooks --profile $(PROFILE) $(if $(ONLY),--only $(ONLY))
+	$(if $(filter default,$(PROFILE)),$(BIN)/cellkit report --write)
 
 ## make test: unit tests, CLI tests, the app in a browser, and every notebook in the smoke profile on real data
 test: $(STAMP) data-check browser

@@ -137,12 +137,19 @@ def _run_notebooks(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from cellkit import notebooks
+    from cellkit import results
 
-    if args.write:
-        print(f"wrote the results table into {notebooks.write_results_table()}")
+    if args.check:
+        problems = results.check(args.profile)
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        if problems:
+            return 1
+        print(f"the records in {results.results_dir(args.profile)} are those of the code in the tree")
+    elif args.write:
+        print(f"wrote the results table into {results.write_results_table()}")
     else:
-        print(notebooks.results_table())
+        print(results.results_table())
     return 0
 
 
@@ -829,9 +836,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(commands)
 
     report = _add_command(commands, "report", _report,
-                          "the README results table from figures/*/metrics.json and notebooks/results.yml",
-                          "cellkit report --write")
-    report.add_argument("--write", action="store_true", help="replace the table in README.md (default: print it)")
+                          "the README results table from the committed records in results/default/, and their check",
+                          "cellkit report --check   # exit 1 when a record is stale, dirty or missing")
+    what = report.add_mutually_exclusive_group()
+    what.add_argument("--write", action="store_true", help="replace the table in README.md (default: print it)")
+    what.add_argument("--check", action="store_true",
+                      help="fail when a notebook has no record, a record comes from a dirty tree or simulated data, "
+                           "its notebook or the cellkit code it ran changed since, or README.md's table is not the "
+                           "records'")
+    report.add_argument("--profile", choices=("default", "full"), default="default",
+                        help="whose records --check reads (the table always shows the default run's)")
     return parser
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from cellkit import config, plots, runtime
+from cellkit import config, plots, results, runtime
 from cellkit.datasets import DatasetNotFound, ImageSet, SegmentationSet
 
 PROFILES = config.PROFILES
@@ -188,6 +188,7 @@ class NotebookRun:
             "started_utc": self._started_at.isoformat(timespec="seconds"),
             "versions": package_versions(),
             "git_commit": git_commit(),
+            "code": results.code_fingerprints(),
         }
         path = self.figures_dir / "metrics.json"
         path.write_text(config.to_json(record))
@@ -226,7 +227,8 @@ def package_versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
-    """The project's git commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    """The project's git commit (with ``-dirty`` when tracked files have changes), or ``unknown``. The committed
+    records in ``results/`` do not count: a run rewrites them one notebook after another."""
     try:
         def git(*args: str) -> str:
             return subprocess.run(
@@ -234,7 +236,7 @@ def git_commit() -> str:
             ).stdout.strip()
 
         commit = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -278,15 +280,16 @@ def run_notebook(path: Path, profile: str, output_dir: Path | None = None, progr
                  timeout: int | None = None) -> NotebookResult:
     """Execute one notebook with papermill in ``profile``; failures are returned, not raised.
 
-    The executed copy (with outputs) is written to ``output_dir`` (default :func:`executed_dir`).
-    ``timeout`` bounds each cell, in seconds.
+    The executed copy (with outputs) is written to ``output_dir`` (default :func:`executed_dir`). ``timeout``
+    bounds each cell, in seconds. A default or full run that finishes and writes its ``metrics.json`` also leaves
+    its committed record in ``results/<profile>/`` (:func:`cellkit.results.write_record`).
     """
     import papermill
 
     output_dir = output_dir or executed_dir(profile)
     output_dir.mkdir(parents=True, exist_ok=True)
     output = output_dir / path.name
-    started, started_at = time.perf_counter(), time.time()
+    started, started_at, cpu_before = time.perf_counter(), time.time(), _children_cpu_seconds()
     error = None
     try:
         papermill.execute_notebook(
@@ -295,8 +298,24 @@ def run_notebook(path: Path, profile: str, output_dir: Path | None = None, progr
         )
     except papermill.PapermillExecutionError as failure:
         error = f"cell {failure.cell_index}: {failure.ename}: {failure.evalue}"
-    return NotebookResult(path.stem, profile, time.perf_counter() - started, output, error,
-                          recorded_synthetic(path.stem, profile, started_at))
+    seconds = time.perf_counter() - started
+    cpu_after = _children_cpu_seconds()
+    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    synthetic = recorded_synthetic(path.stem, profile, started_at)
+    if error is None and synthetic is not None and profile not in config.CHECK_PROFILES:
+        results.write_record(config.figures_dir(path.stem, profile) / "metrics.json", path, profile, seconds, cpu)
+    return NotebookResult(path.stem, profile, seconds, output, error, synthetic)
+
+
+def _children_cpu_seconds() -> float | None:
+    """User plus system CPU seconds of the finished child processes (the notebook kernels), None where the system
+    does not say."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def strip_outputs(path: Path) -> bool:
@@ -319,56 +338,6 @@ def strip_outputs(path: Path) -> bool:
     if changed:
         nbformat.write(notebook, path)
     return changed
-
-
-# --- the README results table ----------------------------------------------------------------------
-
-RESULTS_BEGIN = "<!-- results-table:begin -->"
-RESULTS_END = "<!-- results-table:end -->"
-
-
-def read_metrics(notebook: str) -> dict[str, Any] | None:
-    """The ``metrics.json`` a default or full run of a notebook last wrote, or None if it has not run."""
-    path = config.figures_dir(notebook) / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def results_table() -> str:
-    """The README results table (Markdown) from ``notebooks/results.yml`` and the recorded metrics. A headline
-    number with a 95 % interval recorded beside it (``<name>_ci``: [low, high]) is shown as ``value [low, high]``."""
-    rows = yaml.safe_load((config.notebooks_dir() / "results.yml").read_text()) or []
-    lines = [
-        "| notebook | quantity | this repository | profile, data | source report |",
-        "|---|---|---|---|---|",
-    ]
-    for row in rows:
-        record = read_metrics(row["notebook"])
-        value = record["headline"].get(row["headline"]) if record else None
-        if value is None or record["profile"] == "smoke":  # smoke numbers check plumbing, they are no results
-            measured, provenance = "not measured yet", "-"
-        else:
-            measured = f"{value:.4g}" if isinstance(value, float) else str(value)
-            interval = record["headline"].get(f"{row['headline']}_ci")
-            if interval is not None:  # the 95 % interval a notebook records beside the number, as [low, high]
-                measured += f" [{interval[0]:.4g}, {interval[1]:.4g}]"
-            data = "SYNTHETIC" if record["synthetic_data"] else ", ".join(
-                sorted({d["name"] for d in record["datasets"].values()})
-            )
-            provenance = f"{record['profile']}, {data}, commit {record['git_commit']}"
-        lines.append(f"| {row['notebook']} | {row['quantity']} | {measured} | {provenance} | {row['source']} |")
-    return "\n".join(lines)
-
-
-def write_results_table(readme: Path | None = None) -> Path:
-    """Replace the table between the results-table markers of README.md with :func:`results_table`."""
-    readme = readme or config.PROJECT_ROOT / "README.md"
-    text = readme.read_text()
-    begin, end = text.find(RESULTS_BEGIN), text.find(RESULTS_END)
-    if begin < 0 or end < begin:
-        raise ValueError(f"{readme}: no {RESULTS_BEGIN} ... {RESULTS_END} markers to write the table between")
-    updated = text[: begin + len(RESULTS_BEGIN)] + "\n" + results_table() + "\n" + text[end:]
-    readme.write_text(updated)
-    return readme
 
 
 if __name__ == "__main__":  # python -m cellkit.notebooks strip notebooks/*.ipynb

@@ -36,6 +36,7 @@ def test_metrics_json_records_what_was_used_and_measured(real_data, figures):
     assert record["wall_time_s"] >= 0 and record["peak_memory_mb"] > 10
     assert record["versions"]["numpy"] == np.__version__
     assert record["git_commit"]
+    assert "cellkit/notebooks.py" in record["code"] and "cellkit/datasets/loaders.py" in record["code"]
 
 
 def test_missing_data_falls_back_loudly_and_stamps_figures(no_real_data, figures, capsys):
@@ -88,53 +89,6 @@ def test_strip_outputs_removes_outputs(tmp_path):
     stripped = nbformat.read(path, as_version=4).cells[0]
     assert stripped.outputs == [] and stripped.execution_count is None
     assert notebooks.strip_outputs(path) is False
-
-
-def test_results_table_reads_recorded_headlines(figures):
-    run = notebooks.NotebookRun("01_eda", profile="default")
-    run.datasets["pbc28:train"] = {"name": "pbc28", "synthetic": False, "path": "x", "n": 3}
-    run.finish(metrics={}, headline={"pbc_n_train": 11965, "dsb_median_nuclei_per_image": 21.5})
-    table = notebooks.results_table()
-    assert "| 01_eda | PBC-28 training images | 11965 | default, pbc28, commit" in table
-    assert "| 21.5 |" in table
-
-
-def test_results_table_shows_an_interval_recorded_beside_a_number(figures):
-    run = notebooks.NotebookRun("04_cnn_lenet_alexnet", profile="default")
-    run.finish(metrics={}, headline={"best_accuracy": 0.98761, "best_accuracy_ci": [0.98302, 0.99133]})
-    assert "| PBC-28 test accuracy, best CNN (chosen on validation) | 0.9876 [0.983, 0.9913] |" in \
-        notebooks.results_table()
-
-
-def test_results_table_does_not_show_smoke_numbers(figures):
-    notebooks.NotebookRun("01_eda", profile="smoke").finish(metrics={}, headline={"pbc_n_train": 5})
-    assert "| 01_eda | PBC-28 training images | not measured yet |" in notebooks.results_table()
-
-
-def test_smoke_run_keeps_the_default_runs_figures_and_numbers(figures):
-    default = notebooks.NotebookRun("01_eda", profile="default")
-    default.save_fig(plt.figure(), "montage", close=True)
-    default.finish(metrics={}, headline={"pbc_n_train": 11965})
-    smoke = notebooks.NotebookRun("01_eda", profile="smoke")
-    smoke.save_fig(plt.figure(), "montage", close=True)
-    smoke.finish(metrics={}, headline={"pbc_n_train": 5})
-
-    assert notebooks.read_metrics("01_eda")["headline"] == {"pbc_n_train": 11965}
-    assert json.loads((figures / "smoke" / "01_eda" / "metrics.json").read_text())["headline"] == {"pbc_n_train": 5}
-    assert (figures / "01_eda" / "montage.png").is_file() and (figures / "smoke" / "01_eda" / "montage.png").is_file()
-    assert "| 01_eda | PBC-28 training images | 11965 |" in notebooks.results_table()
-
-
-def test_write_results_table_replaces_only_the_marked_part(figures, tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{notebooks.RESULTS_BEGIN}\nold table\n{notebooks.RESULTS_END}\noutro\n")
-    notebooks.write_results_table(readme)
-    text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
-    assert "| notebook | quantity |" in text
-    readme.write_text("no markers")
-    with pytest.raises(ValueError, match="markers"):
-        notebooks.write_results_table(readme)
 
 
 def test_a_run_reports_whether_its_record_used_the_stand_in(no_real_data, figures):
