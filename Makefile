@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test install lint data-check notebooks-strip browser models app
+.PHONY: run test install lint data-check notebooks-strip browser models app site
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ models/cellnet.keras: | $(STAMP)
 
 models/unet.keras: | $(STAMP)
 	$(BIN)/cellkit train unet --out $@
+
+## make site [PROFILE=default]: the course website in site/ from the notebooks make run executed (open site/index.html)
+site: $(STAMP)
+	$(BIN)/cellkit site --profile $(PROFILE) --out site
 
 ## make app: the interactive app on http://127.0.0.1:8000 (models from models/)
 app: $(STAMP)

@@ -769,6 +769,27 @@ def _add_app(commands: argparse._SubParsersAction) -> None:
                              "otherwise, any name with --host 0.0.0.0)")
 
 
+def _site(args: argparse.Namespace) -> int:
+    from cellkit import site
+
+    index = site.build_site(args.profile, Path(args.out))
+    print(f"wrote the {args.profile} profile's site: open {index}")
+    return 0
+
+
+def _add_site(commands: argparse._SubParsersAction) -> None:
+    parser = _add_command(
+        commands, "site", _site,
+        "the course website: the executed notebooks, results, data and licences, command line and app, as static HTML",
+        "make run && cellkit site --out site/   # then open site/index.html",
+    )
+    parser.add_argument("--profile", choices=("smoke", "default", "full"), default="default",
+                        help="whose executed notebooks (notebooks/executed/PROFILE/) to show (default: default)")
+    parser.add_argument("--out", default="site", metavar="DIR",
+                        help="folder to write; a site built earlier there is replaced, anything else is refused "
+                             "(default: site/)")
+
+
 # --- the parser --------------------------------------------------------------------------------------
 
 
@@ -834,6 +855,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment(commands)
     _add_app(commands)
     _add_export(commands)
+    _add_site(commands)
 
     report = _add_command(commands, "report", _report,
                           "the README results table from the committed records in results/default/, and their check",

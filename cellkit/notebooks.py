@@ -13,12 +13,14 @@ and finishes it, which writes ``figures/<notebook>/metrics.json``.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -292,10 +294,11 @@ def run_notebook(path: Path, profile: str, output_dir: Path | None = None, progr
     started, started_at, cpu_before = time.perf_counter(), time.time(), _children_cpu_seconds()
     error = None
     try:
-        papermill.execute_notebook(
-            str(path), str(output), parameters=profile_parameters(path.stem, profile), cwd=str(path.parent),
-            kernel_name="python3", progress_bar=progress, execution_timeout=timeout,
-        )
+        with _inline_figures():
+            papermill.execute_notebook(
+                str(path), str(output), parameters=profile_parameters(path.stem, profile), cwd=str(path.parent),
+                kernel_name="python3", progress_bar=progress, execution_timeout=timeout,
+            )
     except papermill.PapermillExecutionError as failure:
         error = f"cell {failure.cell_index}: {failure.ename}: {failure.evalue}"
     seconds = time.perf_counter() - started
@@ -305,6 +308,21 @@ def run_notebook(path: Path, profile: str, output_dir: Path | None = None, progr
     if error is None and synthetic is not None and profile not in config.CHECK_PROFILES:
         results.write_record(config.figures_dir(path.stem, profile) / "metrics.json", path, profile, seconds, cpu)
     return NotebookResult(path.stem, profile, seconds, output, error, synthetic)
+
+
+@contextmanager
+def _inline_figures() -> Iterator[None]:
+    """Let the kernel show figures in the executed copy (the course website renders them) even when this process
+    draws without a display (``MPLBACKEND=Agg``), which the kernel would otherwise inherit."""
+    before = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MPLBACKEND"]
+        else:
+            os.environ["MPLBACKEND"] = before
 
 
 def _children_cpu_seconds() -> float | None:

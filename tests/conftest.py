@@ -31,6 +31,14 @@ def no_real_data(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def smoke_executed(tmp_path_factory) -> Path:
+    """Where the smoke runs of the notebooks leave their executed copies, for the course website's test to render."""
+    folder = tmp_path_factory.getbasetemp() / "executed-smoke"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_models(real_data, tmp_path_factory) -> Path:
     """A folder with ``lenet.keras`` (one epoch on 20 real PBC-28 images per class) and ``unet.keras`` (4 filters,
     6 steps on 6 real DSB images): every code path of a model file in seconds; their predictions are not good.
