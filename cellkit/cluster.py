@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from cellkit import inference, outputs
-from cellkit.datasets import DataError
+from cellkit.datasets import DataError, first_line
 
 #: Seconds to wait for the scheduler of ``--scheduler`` before giving up with a one-line error.
 CONNECT_TIMEOUT = 5.0
@@ -293,7 +293,7 @@ def segment_files(client: Any, model: str | Path, files: Sequence[Path], out_dir
         inference.stop_run(run, error, failed)
         if isinstance(error, (KilledWorker, CancelledError)):
             raise ClusterFailed(f"the Dask cluster could not finish the run: {type(error).__name__}: "
-                                f"{inference.first_line(error)}") from None
+                                f"{first_line(error)}") from None
         raise
     finally:
         if bar is not None:

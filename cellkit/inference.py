@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from cellkit import blockwise, classifiers, formats, outputs, plots, runtime, saving, unet
-from cellkit.datasets import DataError, read_image, to_grey
+from cellkit.datasets import DataError, first_line, read_image, to_grey
 from cellkit.datasets.loaders import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS
 
 #: The precision models predict in, for the command line and the app alike: ``auto`` is bfloat16 where the CPU has
@@ -380,6 +380,3 @@ def result_row(path: Path, out_dir: Path, entry: dict[str, Any]) -> dict[str, An
             **{key: entry[key] for key in ("n_nuclei", "mean_area_px", "height", "width")}}
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cellkit import config, runtime
-from cellkit.datasets import DataError
+from cellkit.datasets import DataError, first_line
 
 #: Name of the metadata entry inside a saved ``.keras`` archive.
 METADATA_ENTRY = "cellkit.json"
@@ -60,7 +60,7 @@ def read_metadata(path: str | Path) -> dict[str, Any] | None:
                 return None
             text = archive.read(METADATA_ENTRY)
     except (zipfile.BadZipFile, EOFError, zlib.error) as error:
-        raise DataError(f"{path}: not a .keras model file (not a readable zip archive: {_first_line(error)})") \
+        raise DataError(f"{path}: not a .keras model file (not a readable zip archive: {first_line(error)})") \
             from None
     try:
         data = json.loads(text)
@@ -117,7 +117,7 @@ def check_weights(path: str | Path, metadata: dict[str, Any] | None) -> None:
         with zipfile.ZipFile(path) as archive:
             found = _sha256(archive.read(WEIGHTS_ENTRY))
     except (zipfile.BadZipFile, KeyError, OSError, EOFError, zlib.error) as error:
-        raise DataError(f"{path}: the weights cannot be read ({_first_line(error)}); the file is damaged: copy it "
+        raise DataError(f"{path}: the weights cannot be read ({first_line(error)}); the file is damaged: copy it "
                         "again or retrain the model") from None
     if found != expected:
         raise DataError(f"{path}: the weights do not match the checksum saved with them; the file is damaged or "
@@ -133,14 +133,9 @@ def load_network(path: str | Path) -> Any:
         return keras.models.load_model(path, compile=False, safe_mode=True)
     except (ValueError, OSError, TypeError, RuntimeError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         # h5py raises RuntimeError or OSError for damaged weights, zipfile BadZipFile for a damaged member
-        raise DataError(f"{path}: cannot load the model ({_first_line(error)}); the file is damaged or was not "
+        raise DataError(f"{path}: cannot load the model ({first_line(error)}); the file is damaged or was not "
                         "written by cellkit: copy it again or retrain the model") from None
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

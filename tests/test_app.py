@@ -29,6 +29,7 @@ from PIL import Image
 
 from cellkit import app as cellkit_app
 from cellkit import cli, config, datasets
+from cellkit.app import jobs, recorded, server, uploads
 from cellkit.datasets import DataError
 
 CHROMIUM = "/usr/bin/chromium"
@@ -96,11 +97,11 @@ def test_a_truncated_png_is_a_decode_error(dsb_png):
 def test_take_upload_reads_into_memory_and_deletes_the_copy(tmp_path):
     copy = tmp_path / "0.png"
     copy.write_bytes(b"abc")
-    assert cellkit_app.take_upload({"datapath": str(copy), "name": "x.png"}) == b"abc"
+    assert uploads.take_upload({"datapath": str(copy), "name": "x.png"}) == b"abc"
     assert not copy.exists()
     copy.write_bytes(b"x" * 2000)
     with pytest.raises(DataError, match="limit"):
-        cellkit_app.take_upload({"datapath": str(copy), "name": "x.png"}, max_bytes=1000)
+        uploads.take_upload({"datapath": str(copy), "name": "x.png"}, max_bytes=1000)
     assert not copy.exists()
 
 
@@ -140,7 +141,7 @@ def test_the_upload_limit_refuses_a_chunked_body_as_it_is_read():
 
     limited = cellkit_app.UploadLimit(Starlette(routes=[Route("/upload", upload, methods=["POST"])]), max_bytes=100)
     status, body = asyncio.run(_post_chunks(limited, [b"x" * 60, b"x" * 60]))
-    assert (status, body) == (413, cellkit_app.TOO_LARGE.encode()) and sum(map(len, stored)) <= 100
+    assert (status, body) == (413, uploads.TOO_LARGE.encode()) and sum(map(len, stored)) <= 100
     assert asyncio.run(_post_chunks(limited, [b"x" * 50, b"x" * 50])) == (200, b"OK")
 
 
@@ -181,7 +182,7 @@ def test_the_upload_limit_answers_413_itself_around_a_bare_app():
 
     limited = cellkit_app.UploadLimit(reader, max_bytes=100)
     asyncio.run(limited({"type": "http", "method": "POST", "path": "/upload", "headers": []}, receive, send))
-    assert sent[0]["status"] == 413 and sent[1]["body"] == cellkit_app.TOO_LARGE.encode()
+    assert sent[0]["status"] == 413 and sent[1]["body"] == uploads.TOO_LARGE.encode()
 
 
 @pytest.mark.parametrize(("host", "allowed"), [
@@ -263,8 +264,8 @@ def test_results_are_found_in_metrics_files_with_their_provenance(tmp_path):
                                          "05_transformations_vs_models: models/vit"]
     assert results[0].row()["accuracy"] == 0.9 and results[0].profile == "default" and results[0].data == "pbc28"
     assert results[0].history == {"loss": [1, 0.5]}
-    assert cellkit_app.default_pair(results) == (results[0].name, results[1].name)  # best CNN vs the ViT
-    table = cellkit_app.per_class_f1(results)
+    assert recorded.default_pair(results) == (results[0].name, results[1].name)  # best CNN vs the ViT
+    table = recorded.per_class_f1(results)
     assert table.loc["a"].tolist() == [0.8, 0.7]
     record["synthetic_data"] = True
     (run / "metrics.json").write_text(json.dumps(record))
@@ -278,7 +279,7 @@ def test_without_models_the_page_says_how_to_make_them(tmp_path):
     entries, problems = cellkit_app.find_models(tmp_path)
     assert entries == [] and len(problems) == 1 and "\n" not in problems[0]
     assert problems[0].startswith(f"junk.keras: {tmp_path / 'junk.keras'}: not a .keras model file (not a")
-    html = str(cellkit_app.build_ui(tmp_path)(None))
+    html = str(server.build_ui(tmp_path)(None))
     assert "No classifier found" in html and "No U-Net found" in html and "make models" in html
 
 
@@ -299,18 +300,18 @@ def test_unusable_images_and_missing_models_become_messages(tmp_path):
     upload._decoded = np.zeros((32, 32, 5), np.uint8)  # as if decoded: no upload gives this array any more
     entry = _entry(path=tmp_path / "m.keras")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cellkit_app, "load_model", lambda chosen: object())
+        patch.setattr(jobs, "load_model", lambda chosen: object())
         message = asyncio.run(cellkit_app.model_job(upload, entry, prepare))
     assert message == "cannot use this image with the classifier: expected a grey or RGB image, got an array of " \
                       "shape (32, 32, 5)"
     refused = asyncio.run(cellkit_app.model_job(cellkit_app.Upload("a.png", NOT_AN_IMAGE), entry, prepare))
     assert refused == "a.png: not a PNG, JPEG or TIFF image (checked by its content, not its name)"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cellkit_app, "find_models", lambda folder: ([entry], []))
-        assert cellkit_app._chosen(_Inputs(cls_model=str(entry.path)), "cls_model", tmp_path) is entry
-        gone = cellkit_app._chosen(_Inputs(cls_model="other.keras"), "cls_model", tmp_path)
+        patch.setattr(server, "find_models", lambda folder: ([entry], []))
+        assert server._chosen(_Inputs(cls_model=str(entry.path)), "cls_model", tmp_path) is entry
+        gone = server._chosen(_Inputs(cls_model="other.keras"), "cls_model", tmp_path)
         assert gone == "the model other.keras is gone; reload the page"
-    missing = cellkit_app._chosen(_Inputs(), "seg_model", tmp_path)
+    missing = server._chosen(_Inputs(), "seg_model", tmp_path)
     assert missing.startswith(f"no U-Net found in {tmp_path}: make them with `make models`")
     assert asyncio.run(cellkit_app.model_job(upload, missing, prepare)) == missing
     assert asyncio.run(cellkit_app.model_job("a message", entry, prepare)) == "a message"
@@ -324,7 +325,7 @@ def test_an_unexpected_failure_in_a_model_job_is_one_line_in_the_page(caplog):
     upload = cellkit_app.Upload("a.png", b"")
     upload._decoded = np.zeros((8, 8), np.uint8)  # as if decoded already
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cellkit_app, "load_model", lambda chosen: object())
+        patch.setattr(jobs, "load_model", lambda chosen: object())
         message = asyncio.run(cellkit_app.model_job(upload, _entry(), broken))
     assert message == "unexpected error (RuntimeError: a bug)"
     assert caplog.records[-1].exc_info[0] is RuntimeError  # the server's log keeps the traceback of a bug
@@ -604,10 +605,10 @@ def test_oversize_uploads_get_413_however_they_are_sent(browser, app_server, dsb
     first = _upload_url(browser, app_server.url, dsb_png)
     with httpx.Client(timeout=30) as client:
         sized = client.post(first, content=b"\0" * over)  # Content-Length: refused before Shiny reads a byte
-        assert (sized.status_code, sized.text) == (413, cellkit_app.TOO_LARGE)
+        assert (sized.status_code, sized.text) == (413, uploads.TOO_LARGE)
         chunked = client.post(first, content=_chunks(over))  # refused while Shiny's upload route reads it
         assert "content-length" not in chunked.request.headers
-        assert (chunked.status_code, chunked.text) == (413, cellkit_app.TOO_LARGE)
+        assert (chunked.status_code, chunked.text) == (413, uploads.TOO_LARGE)
         # the same way, a file under the limit goes through: the route read the chunked body above
         accepted = client.post(_upload_url(browser, app_server.url, dsb_png), content=_chunks(dsb_png.stat().st_size))
         assert (accepted.status_code, accepted.text) == (200, "OK")

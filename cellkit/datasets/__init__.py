@@ -35,7 +35,16 @@ from cellkit.datasets.parts import (
     load_training_data,
     pbc_jpg_parts,
 )
-from cellkit.datasets.registry import REGISTRY, DataError, DatasetInfo, DatasetNotFound, info, locate, require
+from cellkit.datasets.registry import (
+    REGISTRY,
+    DataError,
+    DatasetInfo,
+    DatasetNotFound,
+    first_line,
+    info,
+    locate,
+    require,
+)
 from cellkit.datasets.splits import (
     dsb2018_split,
     per_class,
@@ -50,6 +59,7 @@ from cellkit.datasets.splits import (
 __all__ = [
     "REGISTRY",
     "DataError",
+    "first_line",
     "DatasetInfo",
     "DatasetNotFound",
     "LabelledData",

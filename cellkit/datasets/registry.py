@@ -17,6 +17,12 @@ class DataError(ValueError):
     """Bad or missing input data. The message is one line that names the file and the fix."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): what a one-line report shows."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class DatasetNotFound(DataError):
     """A registered dataset is in none of the searched folders."""
 
