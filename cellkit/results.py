@@ -28,8 +28,6 @@ import yaml
 
 from cellkit import config, outputs
 
-RESULTS_BEGIN = "<!-- results-table:begin -->"
-RESULTS_END = "<!-- results-table:end -->"
 #: The profile whose records the README table shows.
 TABLE_PROFILE = "default"
 
@@ -147,8 +145,8 @@ def check(profile: str = TABLE_PROFILE, notebooks: Sequence[Path] | None = None,
             problems.extend(record_problems(record, notebook))
     if profile == TABLE_PROFILE:
         readme = readme or config.PROJECT_ROOT / "README.md"
-        if _table_in(readme) != results_table().strip():
-            problems.append(f"{readme.name}: the results table is not the one the records give; "
+        for name in stale_blocks(readme):
+            problems.append(f"{readme.name}: the {name.replace('-', ' ')} is not the one the records give; "
                             "run cellkit report --write")
     return problems
 
@@ -186,18 +184,53 @@ def _provenance(record: dict[str, Any]) -> str:
     return f"{record['profile']}, {data}, {record['git_commit']}{minutes}"
 
 
-def _table_in(readme: Path) -> str | None:
+def times_table() -> str:
+    """Each notebook's wall time and the CPU time of its kernel in the committed default and full records (Markdown),
+    so that the README's times are those of the runs behind its numbers."""
+    lines = ["| notebook | default: wall (CPU) | full: wall (CPU) |", "|---|---|---|"]
+    for notebook in sorted(config.notebooks_dir().glob("[0-9][0-9]_*.ipynb")):
+        cells = [_run_time(read_record(notebook.stem, profile)) for profile in ("default", "full")]
+        lines.append(f"| {notebook.stem} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def _run_time(record: dict[str, Any] | None) -> str:
+    run = (record or {}).get("run") or {}
+    if run.get("wall_time_s") is None:
+        return "not recorded yet"
+    cpu = f" ({run['cpu_time_s'] / 60:.1f} CPU-min)" if run.get("cpu_time_s") is not None else ""
+    return f"{run['wall_time_s'] / 60:.1f} min{cpu}"
+
+
+#: The README's generated blocks: marker name -> the function that writes the block.
+README_BLOCKS = {"results-table": results_table, "times-table": times_table}
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def _block_in(text: str, name: str) -> str | None:
+    begin, end = _markers(name)
+    start, stop = text.find(begin), text.find(end)
+    return text[start + len(begin): stop].strip() if 0 <= start < stop else None
+
+
+def stale_blocks(readme: Path) -> list[str]:
+    """The README's generated blocks (:data:`README_BLOCKS`) whose content is not what the records give."""
     text = readme.read_text()
-    begin, end = text.find(RESULTS_BEGIN), text.find(RESULTS_END)
-    return text[begin + len(RESULTS_BEGIN): end].strip() if 0 <= begin < end else None
+    return [name for name, make in README_BLOCKS.items() if _block_in(text, name) != make().strip()]
 
 
 def write_results_table(readme: Path | None = None) -> Path:
-    """Replace the table between the results-table markers of README.md with :func:`results_table`."""
+    """Replace the README's generated blocks (the results table and the times table) with what the records give."""
     readme = readme or config.PROJECT_ROOT / "README.md"
     text = readme.read_text()
-    begin, end = text.find(RESULTS_BEGIN), text.find(RESULTS_END)
-    if begin < 0 or end < begin:
-        raise ValueError(f"{readme}: no {RESULTS_BEGIN} ... {RESULTS_END} markers to write the table between")
-    outputs.write_text(readme, text[: begin + len(RESULTS_BEGIN)] + "\n" + results_table() + "\n" + text[end:])
+    for name, make in README_BLOCKS.items():
+        begin, end = _markers(name)
+        start, stop = text.find(begin), text.find(end)
+        if start < 0 or stop < start:
+            raise ValueError(f"{readme}: no {begin} ... {end} markers to write the table between")
+        text = text[: start + len(begin)] + "\n" + make() + "\n" + text[stop:]
+    outputs.write_text(readme, text)
     return readme

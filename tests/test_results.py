@@ -9,6 +9,9 @@ import pytest
 
 from cellkit import cli, notebooks, results
 
+#: The README's two generated blocks, each holding an old table.
+BLOCKS = "".join(f"<!-- {name}:begin -->\nold table\n<!-- {name}:end -->\n" for name in results.README_BLOCKS)
+
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
@@ -83,12 +86,13 @@ def test_the_check_wants_a_record_per_notebook_and_the_records_table(workspace, 
     other = tmp_path / "03_handcrafted_features_random_forest.ipynb"
     other.write_text(workspace.read_text())
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{results.RESULTS_BEGIN}\nold table\n{results.RESULTS_END}\n")
+    readme.write_text(f"intro\n{BLOCKS}")
     _recorded(workspace, {"pbc_n_train": 11965})
 
     problems = results.check("default", notebooks=[workspace, other], readme=readme)
-    assert [p.split(":")[0] for p in problems] == ["03_handcrafted_features_random_forest", "README.md"]
-    assert "no record" in problems[0] and "cellkit report --write" in problems[1]
+    assert [p.split(":")[0] for p in problems] == ["03_handcrafted_features_random_forest", "README.md", "README.md"]
+    assert "no record" in problems[0] and "results table" in problems[1] and "times table" in problems[2]
+    assert "cellkit report --write" in problems[2]
 
     results.write_results_table(readme)
     _recorded(other, {"rf_accuracy": 0.95})
@@ -109,6 +113,12 @@ def test_the_table_reads_committed_records_with_intervals_and_time(workspace):
            "features | not recorded yet | - |" in table
 
 
+def test_the_times_table_gives_each_notebooks_recorded_wall_and_cpu_minutes(workspace):
+    _recorded(workspace, {"pbc_n_train": 11965})
+    table = results.times_table()
+    assert "| 01_eda | 2.1 min (3.8 CPU-min) | not recorded yet |" in table
+
+
 def test_a_smoke_run_leaves_no_record(workspace, monkeypatch, tmp_path):
     def fake_execute(source, output, **options):  # what the kernel would do: write metrics.json
         notebooks.NotebookRun("01_eda", profile=options["parameters"]["profile"]).finish({}, {"pbc_n_train": 1})
@@ -124,11 +134,11 @@ def test_a_smoke_run_leaves_no_record(workspace, monkeypatch, tmp_path):
 
 def test_write_results_table_replaces_only_the_marked_part(workspace, tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{results.RESULTS_BEGIN}\nold table\n{results.RESULTS_END}\noutro\n")
+    readme.write_text(f"intro\n{BLOCKS}outro\n")
     results.write_results_table(readme)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
-    assert "| notebook | quantity |" in text
+    assert "| notebook | quantity |" in text and "| notebook | default: wall (CPU) | full: wall (CPU) |" in text
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         results.write_results_table(readme)
