@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -204,20 +205,35 @@ def _basic_block(x: Any, filters: int, stride: int, name: str) -> Any:
     return layers.Activation("relu", name=f"{name}_out")(y)
 
 
+#: ResNet-18 for small images (notebook 05): a quarter of the filters (16-32-64-128), as the CIFAR ResNets of
+#: He et al. (2016, section 4.2) start from 16 filters; with the small stem it costs 1/14 of the full widths' time.
+RESNET18_SMALL_WIDTHS = (16, 32, 64, 128)
+
+
 def build_resnet18(input_shape: Sequence[int], n_classes: int, widths: Sequence[int] = RESNET18_WIDTHS,
-                   dropout: float = 0.2) -> keras.Model:
-    """ResNet-18 (Keras has none): the ImageNet stem (7x7 convolution, stride 2, batch norm, ReLU, 3x3 max-pool
-    with stride 2), four stages of two basic blocks ([2, 2, 2, 2]; 64-128-256-512 filters, stride 2 from the
-    second stage on), global average pooling, dropout, softmax: 17 convolutions + 1 dense layer, 11.2 M
-    parameters. On 28x28 inputs the maps are 7x7 after the stem and 1x1 in the last stage (as torchvision's
-    ResNet-18, which report 000 used, does on small images). Batch norm momentum 0.9 (see :func:`build_cellnet`)."""
+                   dropout: float = 0.2, stem: str = "imagenet") -> keras.Model:
+    """ResNet-18 (Keras has none): a stem, four stages of two basic blocks ([2, 2, 2, 2]; ``widths`` filters,
+    64-128-256-512 by default, stride 2 from the second stage on), global average pooling, dropout, softmax:
+    17 convolutions + 1 dense layer, 11.2 M parameters with the default widths.
+
+    ``stem="imagenet"``: 7x7 convolution with stride 2, batch norm, ReLU, 3x3 max-pool with stride 2; on 28x28
+    inputs the maps are 7x7 after the stem and 1x1 in the last stage (as torchvision's ResNet-18, which report
+    000 used, does on small images). ``stem="small"`` (for small images, as CIFAR ResNets): one 3x3 convolution
+    with stride 1, batch norm, ReLU and no max-pool, so 28x28 inputs keep 28x28 maps in the first stage and 4x4
+    in the last. Batch norm momentum 0.9 (see :func:`build_cellnet`)."""
+    if stem not in ("imagenet", "small"):
+        raise ValueError(f"stem must be imagenet or small, got {stem!r}")
     keras = runtime.keras_module()
     layers = keras.layers
     inputs = keras.Input(tuple(input_shape))
-    x = layers.Conv2D(widths[0], 7, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
+    if stem == "small":
+        x = layers.Conv2D(widths[0], 3, padding="same", use_bias=False, name="stem_conv")(inputs)
+    else:
+        x = layers.Conv2D(widths[0], 7, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
     x = layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
     x = layers.Activation("relu", name="stem_relu")(x)
-    x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+    if stem == "imagenet":
+        x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
     for stage, filters in enumerate(widths, start=1):
         for block in (1, 2):
             stride = 2 if stage > 1 and block == 1 else 1
@@ -400,6 +416,9 @@ for _spec in (
     ModelSpec("resnet18", build_resnet18, 28, "pm1", min_size=8,
               description="ResNet-18: ImageNet stem, basic blocks [2, 2, 2, 2], 64-512 filters, 11.2 M parameters",
               source="He et al. 2016; report 000", fit=REPORT_FIT),
+    ModelSpec("resnet18-small", partial(build_resnet18, widths=RESNET18_SMALL_WIDTHS, stem="small"), 28, "pm1",
+              min_size=8, description="ResNet-18 for small images: 3x3 stride-1 stem without max-pool, basic blocks "
+              "[2, 2, 2, 2], 16-128 filters, 0.7 M parameters", source="He et al. 2016; report 000", fit=REPORT_FIT),
     ModelSpec("resnet50", build_resnet50, 32, "pm1", min_size=32,
               description="ResNet-50 (keras.applications, no pretrained weights), 28x28 cells resized to 32x32",
               source="He et al. 2016; report 000", fit=REPORT_FIT),

@@ -15,13 +15,19 @@ them. Keras is imported only inside :func:`penultimate_embeddings`, so the rest 
 :func:`k_curves`                            within-cluster sum of squares (elbow) and silhouette over k
 :func:`choose_k`                            the k of the highest silhouette
 :func:`agreement`, :func:`compare`          ARI and NMI against known classes, per embedding x method
+:func:`select_by_silhouette`                method and k chosen without labels: the highest silhouette
+:func:`agreement_interval`                  ARI or NMI with a bootstrap interval over cells (per group, averaged)
+:func:`agreement_difference`                the paired bootstrap difference of two clusterings' ARI or NMI
+:func:`subtype_scores`                      sub-types (labels no model saw) against unsupervised clusterings
+:func:`linear_probe_predictions`            out-of-fold predictions of the sub-types from an embedding (uses labels)
 :func:`contingency`                         cells of each class in each cluster
 :func:`tsne_map`                            a 2-D map (t-SNE) for plots
 :func:`kernel_cost`, :func:`loglog_slope`   time and peak memory of both kernel PCAs as n grows
 :func:`per_image_outliers`                  Tukey-fence outliers of a measurement within each image
 :func:`nuclei_to_cluster`                   nuclei of label images: crops, morphology, atypical flags
 :func:`atypical_nuclei`                     nuclei unusually large, small, bright or dim for their image
-:func:`morphology_matrix`                   the scale-free morphology features, standardised, to cluster
+:func:`morphology_matrix`                   scale-free shape and texture features, standardised, to cluster
+:func:`flag_enrichment`                     share of flagged cells in a cluster minus outside, interval over images
 ==========================================  ==============================================================
 
 Conventions: an embedding ``X`` is a float array (n cells, d dimensions); cluster labels are int arrays (n,)
@@ -54,7 +60,7 @@ from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
-from cellkit import classifiers, features, runtime, segmentation
+from cellkit import classifiers, features, metrics, runtime, segmentation
 from cellkit.datasets import DataError, SegmentationSet
 
 #: Clustering methods of :func:`cluster`.
@@ -244,6 +250,150 @@ def compare(embeddings: Mapping[str, np.ndarray], methods: Sequence[str], k: int
     return pd.DataFrame(rows).set_index(["embedding", "method"]), labels
 
 
+@one_openmp_thread
+def select_by_silhouette(X: np.ndarray, methods: Sequence[str], ks: Sequence[int], seed: int = 0,
+                         silhouette_sample: int = 2000) -> tuple[pd.DataFrame, tuple[str, int], np.ndarray]:
+    """Cluster ``X`` with every method x k and keep the one of highest mean silhouette in ``X``: no label used.
+
+    Returns the table (index ``method``, ``k``; column ``silhouette``), the chosen ``(method, k)`` and its labels
+    (n,). k larger than n - 1 is skipped. Silhouettes compare clusterings of one space, not spaces with each other.
+    """
+    rows, found = [], {}
+    for method in methods:
+        for k in ks:
+            if not 2 <= k < len(X):
+                continue
+            found[(method, int(k))] = labels = cluster(X, method, int(k), seed)
+            rows.append({"method": method, "k": int(k), "silhouette": silhouette(X, labels, silhouette_sample, seed)})
+    if not rows:
+        raise DataError(f"no k in {list(ks)} fits {len(X)} cells")
+    table = pd.DataFrame(rows).set_index(["method", "k"])
+    chosen = table["silhouette"].idxmax()
+    return table, chosen, found[chosen]
+
+
+def _contingency_table(truth: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Counts (classes, clusters) of two non-negative int label arrays (n,), empty rows and columns dropped."""
+    table = np.zeros((int(truth.max()) + 1, int(labels.max()) + 1), np.int64)
+    np.add.at(table, (truth, labels), 1)
+    return table[table.sum(axis=1) > 0][:, table.sum(axis=0) > 0]
+
+
+def _ari(table: np.ndarray) -> float:
+    """Adjusted Rand index from a contingency table (as scikit-learn's ``adjusted_rand_score``)."""
+    pairs = lambda x: (x * (x - 1) / 2).sum()  # noqa: E731
+    index, rows, cols, total = pairs(table), pairs(table.sum(axis=1)), pairs(table.sum(axis=0)), pairs(table.sum())
+    expected = rows * cols / total if total else 0.0
+    maximum = (rows + cols) / 2
+    return 1.0 if maximum == expected else float((index - expected) / (maximum - expected))
+
+
+def _nmi(table: np.ndarray) -> float:
+    """Normalised mutual information (arithmetic mean of the entropies) from a contingency table, as
+    scikit-learn's ``normalized_mutual_info_score``: 1 when both partitions are one group each."""
+    p = table / table.sum()
+    pr, pc = p.sum(axis=1), p.sum(axis=0)
+    if len(pr) == 1 and len(pc) == 1:
+        return 1.0
+    nz = p > 0
+    mi = float((p[nz] * np.log(p[nz] / np.outer(pr, pc)[nz])).sum())
+    entropy = lambda q: float(-(q[q > 0] * np.log(q[q > 0])).sum())  # noqa: E731
+    denominator = (entropy(pr) + entropy(pc)) / 2
+    return 0.0 if denominator <= 0 else max(mi, 0.0) / denominator
+
+
+SCORES: dict[str, Callable[[np.ndarray], float]] = {"ari": _ari, "nmi": _nmi}
+
+
+def _grouped_score(score: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], float]:
+    """The mean over groups of ``score`` between truth and clusters within each group."""
+    function = SCORES[score]
+
+    def statistic(truth: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
+        return float(np.mean([function(_contingency_table(truth[groups == g], labels[groups == g]))
+                              for g in np.unique(groups)]))
+
+    return statistic
+
+
+def _as_units(truth: Sequence[int], labels: Sequence[int], groups: Sequence[Any] | None) -> list[np.ndarray]:
+    truth, labels = np.asarray(truth, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    if truth.shape != labels.shape or truth.ndim != 1 or len(truth) < 2:
+        raise DataError(f"truth and labels must be two int arrays (n,) of the same n >= 2, got {truth.shape} "
+                        f"and {labels.shape}")
+    if (truth < 0).any() or (labels < 0).any():
+        raise DataError("truth and labels must be non-negative ids")
+    groups = np.zeros(len(truth), np.int64) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    if len(groups) != len(truth):
+        raise DataError(f"{len(groups)} groups for {len(truth)} cells")
+    return [truth, labels, groups]
+
+
+def agreement_interval(truth: Sequence[int], labels: Sequence[int], score: str = "ari",
+                       groups: Sequence[Any] | None = None, **options: Any) -> metrics.Interval:
+    """ARI or NMI (``score``) between known classes and clusters, with a bootstrap interval over cells.
+
+    With ``groups`` (n,) the score is computed within each group and averaged (e.g. the sub-types of ig and of
+    neutrophil cells, each clustered on its own), and the cells of all groups are resampled together. The clusters
+    are fixed: the interval says how much the score depends on which cells were scored, not how much the
+    clustering would change on other cells. ``options``: of :func:`cellkit.metrics.bootstrap_interval`.
+    """
+    if score not in SCORES:
+        raise DataError(f"unknown score {score!r}; use one of {', '.join(SCORES)}")
+    return metrics.bootstrap_interval(_as_units(truth, labels, groups), _grouped_score(score), **options)
+
+
+def agreement_difference(truth: Sequence[int], labels_a: Sequence[int], labels_b: Sequence[int], score: str = "ari",
+                         groups: Sequence[Any] | None = None, **options: Any) -> metrics.Interval:
+    """Score of clustering a minus score of clustering b on the same cells (:func:`agreement_interval`), with a
+    paired bootstrap interval (:func:`cellkit.metrics.paired_difference`); "not resolved" if it holds 0."""
+    if score not in SCORES:
+        raise DataError(f"unknown score {score!r}; use one of {', '.join(SCORES)}")
+    units_a, units_b = _as_units(truth, labels_a, groups), _as_units(truth, labels_b, groups)
+    return metrics.paired_difference(units_a, units_b, _grouped_score(score), **options)
+
+
+def subtype_scores(embeddings: Mapping[str, np.ndarray], truth: Sequence[int], methods: Sequence[str],
+                   ks: Sequence[int], seed: int = 0, **options: Any
+                   ) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, pd.DataFrame]]:
+    """Cluster the cells of one class in each embedding with the method and k of the best silhouette
+    (:func:`select_by_silhouette`, no label used), then score the clusters against ``truth`` (the sub-types).
+
+    Returns a table indexed by ``embedding`` with ``method``, ``k``, ``silhouette``, ``ari`` and ``nmi`` with
+    their bootstrap intervals (``ari_low``, ``ari_high``, ``nmi_low``, ``nmi_high``; ``options`` go to
+    :func:`agreement_interval`) and ``ari_at_true_k`` (k-means++ at k = the number of sub-types, which uses a fact
+    about the labels: shown for reference only); the chosen labels of each embedding; and each selection table.
+    """
+    truth = np.asarray(truth)
+    k_true = len(np.unique(truth))
+    rows, chosen_labels, selections = [], {}, {}
+    for name, X in embeddings.items():
+        selections[name], (method, k), labels = select_by_silhouette(X, methods, ks, seed)
+        ari = agreement_interval(truth, labels, "ari", seed=seed, **options)
+        nmi = agreement_interval(truth, labels, "nmi", seed=seed, **options)
+        rows.append({"embedding": name, "method": method, "k": k,
+                     "silhouette": float(selections[name].loc[(method, k), "silhouette"]),
+                     "ari": ari.estimate, "ari_low": ari.low, "ari_high": ari.high,
+                     "nmi": nmi.estimate, "nmi_low": nmi.low, "nmi_high": nmi.high,
+                     "ari_at_true_k": agreement(truth, cluster(X, "kmeans++", k_true, seed))["ari"]})
+        chosen_labels[name] = labels
+    return pd.DataFrame(rows).set_index("embedding"), chosen_labels, selections
+
+
+def linear_probe_predictions(X: np.ndarray, truth: Sequence[int], folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Out-of-fold predictions (n,) of a logistic regression that learns ``truth`` from ``X`` (stratified
+    ``folds``-fold cross-validation; features scaled within each fold). It uses the labels: it asks whether the
+    embedding holds the sub-types at all, which no clustering can find if it does not."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced"))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return cross_val_predict(model, np.asarray(X, dtype=np.float64), np.asarray(truth), cv=splitter)
+
+
 def contingency(truth: Sequence[int], labels: Sequence[int], class_names: Sequence[str]) -> pd.DataFrame:
     """Cells of each class (rows, named) in each cluster (columns ``c0``, ``c1``...), as counts."""
     truth, labels = np.asarray(truth), np.asarray(labels)
@@ -343,10 +493,13 @@ def per_image_outliers(values: Sequence[float], groups: Sequence[Any], fence: fl
 
 # --- nuclei of label images (notebook 09's DSB part) ------------------------------------------------------------
 
-#: Morphology columns of :func:`cellkit.features.nucleus_morphology` that do not depend on the magnification, the
-#: ones nuclei are clustered on (:func:`morphology_matrix`): absolute sizes would sort images by microscope.
+#: Morphology columns of :func:`cellkit.features.nucleus_morphology` that do not depend on the magnification
+#: (absolute sizes would sort images by microscope).
 SCALE_FREE_MORPHOLOGY = ("relative_area", "relative_intensity", "circularity", "eccentricity", "solidity", "extent",
                          "intensity_cv")
+#: The ones nuclei are clustered on by default (:func:`morphology_matrix`): shape and texture, without the size and
+#: brightness that define :func:`atypical_nuclei`, so that "atypical nuclei gather in one cluster" is not circular.
+SHAPE_AND_TEXTURE = ("circularity", "eccentricity", "solidity", "extent", "intensity_cv")
 
 
 @dataclass
@@ -402,8 +555,31 @@ def atypical_nuclei(table: pd.DataFrame, fence: float = 1.5) -> np.ndarray:
             | per_image_outliers(table["relative_intensity"], by_image, fence))
 
 
-def morphology_matrix(table: pd.DataFrame) -> np.ndarray:
-    """The :data:`SCALE_FREE_MORPHOLOGY` columns of a morphology table as an embedding to cluster, (n, d') float64
-    (:func:`standardise`; constant columns dropped). ``relative_area`` enters as its log, so that a nucleus twice
-    and one half the typical area lie equally far from it."""
-    return standardise(np.column_stack([np.log(table["relative_area"]), table[list(SCALE_FREE_MORPHOLOGY[1:])]]))
+def morphology_matrix(table: pd.DataFrame, columns: Sequence[str] = SHAPE_AND_TEXTURE) -> np.ndarray:
+    """Morphology columns (of :data:`SCALE_FREE_MORPHOLOGY`; default :data:`SHAPE_AND_TEXTURE`) as an embedding to
+    cluster, (n, d') float64 (:func:`standardise`; constant columns dropped). ``relative_area``, if chosen, enters
+    as its log, so that a nucleus twice and one half the typical area lie equally far from it."""
+    unknown = sorted(set(columns) - set(SCALE_FREE_MORPHOLOGY))
+    if unknown:
+        raise DataError(f"not scale-free morphology columns: {', '.join(unknown)}")
+    return standardise(np.column_stack([np.log(table[c]) if c == "relative_area" else table[c] for c in columns]))
+
+
+def flag_enrichment(flags: Sequence[bool], in_cluster: Sequence[bool], units: Sequence[Any],
+                    **options: Any) -> metrics.Interval:
+    """Share of flagged cells (e.g. atypical nuclei) in a cluster minus the share outside it, with a bootstrap
+    interval that resamples ``units`` (e.g. images: nuclei of one image are not independent). A resample without
+    any cell in (or out of) the cluster counts that share as 0. ``options``: of
+    :func:`cellkit.metrics.bootstrap_interval`."""
+    frame = pd.DataFrame({"flag": np.asarray(flags, bool), "inside": np.asarray(in_cluster, bool),
+                          "unit": np.asarray(units)})
+    frame["flag_in"], frame["flag_out"] = frame["flag"] & frame["inside"], frame["flag"] & ~frame["inside"]
+    frame["outside"] = ~frame["inside"]
+    counts = frame.groupby("unit")[["flag_in", "inside", "flag_out", "outside"]].sum().to_numpy(np.float64)
+
+    def difference(c: np.ndarray) -> float:
+        total = c.sum(axis=0)
+        share = lambda a, n: a / n if n else 0.0  # noqa: E731
+        return float(share(total[0], total[1]) - share(total[2], total[3]))
+
+    return metrics.bootstrap_interval([counts], difference, **options)

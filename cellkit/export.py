@@ -72,7 +72,7 @@ ARCHITECTURE_CITATIONS: dict[str, tuple[str, str]] = {
             "ICLR 2021", "10.48550/arXiv.2010.11929"),
 }
 _ARCHITECTURE_PAPER = {"unet": "unet", "lenet": "lenet", "lenet-original": "lenet", "alexnet": "alexnet",
-                       "resnet18": "resnet", "resnet50": "resnet", "vit": "vit"}
+                       "resnet18": "resnet", "resnet18-small": "resnet", "resnet50": "resnet", "vit": "vit"}
 #: Channel names of a classifier's input, by pixel scaling (``caffe`` models take BGR, see :func:`_scaling_ops`).
 _RGB, _BGR = ["red", "green", "blue"], ["blue", "green", "red"]
 

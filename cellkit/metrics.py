@@ -21,10 +21,12 @@ ratios are taken, so that large images with many objects weigh more than near-em
 Intervals (95 % by default, a bootstrap over the units a score is computed from; :class:`Interval`)
     :func:`bootstrap_interval` for any score of per-unit arrays, and for the scores the course reports:
     :func:`accuracy_interval` and :func:`macro_f1_interval` (units: test images), :func:`matching_interval` (F1 or
-    AP at IoU 0.5 pooled over images) and :func:`seg_interval` (SEG pooled over the nuclei of the images; the
-    images are resampled, since nuclei of one image are not independent). :func:`paired_difference` compares two
-    models scored on the same units (images or folds): the difference with its interval, and
-    :meth:`Interval.verdict` says whether it is resolved.
+    AP at IoU 0.5 pooled over images), :func:`seg_interval` (SEG pooled over the nuclei of the images; the
+    images are resampled, since nuclei of one image are not independent) and :func:`pixel_dice_interval` (pixels
+    pooled over images); :func:`agreement_intervals` gives the last three at once. :func:`paired_difference`
+    compares two models scored on the same units (images or folds): the difference with its interval
+    (:func:`segmentation_difference`, :func:`agreement_differences` for label images), and
+    :meth:`Interval.verdict` says whether it is resolved; :func:`interval_table` shows intervals as a table.
 
 Conventions shared by every segmentation function:
 
@@ -198,6 +200,20 @@ def confusion_distances(matrix: Sequence[Sequence[int]]) -> np.ndarray:
     distances = 1 - (rates + rates.T) / 2
     np.fill_diagonal(distances, 0.0)
     return distances
+
+
+def confused_pairs(matrix: Sequence[Sequence[int]], class_names: Sequence[str]) -> pd.Series:
+    """Errors between each pair of classes in either direction, from a confusion matrix (rows true, columns
+    predicted): ``matrix[i, j] + matrix[j, i]`` for every pair i < j, as an int Series indexed by (class i,
+    class j), most confused pair first (ties in class order). Correct predictions (the diagonal) do not count."""
+    counts = np.asarray(matrix, dtype=np.int64)
+    if counts.ndim != 2 or counts.shape != (len(class_names), len(class_names)):
+        raise ValueError(f"a confusion matrix of {len(class_names)} classes must be square of that size, "
+                         f"got shape {counts.shape}")
+    i, j = np.triu_indices(len(class_names), k=1)
+    pairs = pd.Series(counts[i, j] + counts[j, i],
+                      index=pd.MultiIndex.from_arrays([np.asarray(class_names)[i], np.asarray(class_names)[j]]))
+    return pairs.sort_values(ascending=False, kind="stable")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -866,6 +882,25 @@ def seg_interval(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], **optio
     return bootstrap_interval([seg_sums(preds, gts)], pooled_seg, **options)
 
 
+def pixel_counts(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-image foreground pixels TP, FP, FN of :func:`pixel_metrics`, int64 (n_images, 3): the units of
+    :func:`pixel_dice_interval`."""
+    rows = _per_image(_pixel_counts, preds, gts)
+    return np.array([[row["tp"], row["fp"], row["fn"]] for row in rows], dtype=np.int64)
+
+
+def pooled_pixel_dice(counts: np.ndarray) -> float:
+    """Pixel Dice 2 TP / (2 TP + FP + FN) of per-image pixel counts (n, 3) summed over the images (as
+    :func:`pixel_metrics_dataset` pools them); 1.0 when both are empty everywhere."""
+    tp, fp, fn = np.asarray(counts).sum(axis=0)
+    return _ratio(2 * tp, 2 * tp + fp + fn, tp + fp + fn == 0)
+
+
+def pixel_dice_interval(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], **options) -> Interval:
+    """Pixel Dice of the foreground pooled over the images, with its bootstrap interval over the images."""
+    return bootstrap_interval([pixel_counts(preds, gts)], pooled_pixel_dice, **options)
+
+
 def report_intervals(report: dict, **options) -> dict[str, Interval]:
     """Accuracy and macro-F1 of a :func:`classification_report` with their bootstrap intervals over its images.
 
@@ -917,6 +952,35 @@ def interval_fields(intervals: dict[str, Interval], names: dict[str, str]) -> di
     return {f"{headline}_ci": [intervals[key].low, intervals[key].high] for key, headline in names.items()}
 
 
+#: The scores of :func:`agreement_intervals` and :func:`agreement_differences`: name -> ``score`` of
+#: :func:`segmentation_difference`.
+AGREEMENT_SCORES = {"pixel_dice": "pixel_dice", "object_f1": "f1", "seg": "seg"}
+
+
+def agreement_intervals(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], **options) -> dict[str, Interval]:
+    """Pixel Dice, object F1 at IoU 0.5 and SEG of label images ``preds`` against ``gts``, each pooled over the
+    images with its bootstrap interval over the images (``options``: of :func:`bootstrap_interval`)."""
+    return {"pixel_dice": pixel_dice_interval(preds, gts, **options),
+            "object_f1": matching_interval(preds, gts, "f1", **options), "seg": seg_interval(preds, gts, **options)}
+
+
+def agreement_differences(preds_a: Sequence[np.ndarray], preds_b: Sequence[np.ndarray], gts: Sequence[np.ndarray],
+                          **options) -> dict[str, Interval]:
+    """The scores of :func:`agreement_intervals` of ``preds_a`` minus those of ``preds_b``, both against the same
+    reference images ``gts``, each with its paired bootstrap interval over the images."""
+    return {name: segmentation_difference(preds_a, preds_b, gts, score, **options)
+            for name, score in AGREEMENT_SCORES.items()}
+
+
+def interval_table(rows: dict[str, dict[str, Interval]], digits: int = 3) -> pd.DataFrame:
+    """A table to read: one row per entry of ``rows`` (e.g. a method), one column per score, each cell
+    ``estimate [low, high]`` rounded to ``digits``."""
+    def cell(interval: Interval) -> str:
+        return f"{interval.estimate:.{digits}f} [{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
+
+    return pd.DataFrame({name: {score: cell(i) for score, i in scores.items()} for name, scores in rows.items()}).T
+
+
 def accuracy_difference(y_true: Sequence, pred_a: Sequence, pred_b: Sequence, **options) -> Interval:
     """Accuracy of predictions ``pred_a`` minus that of ``pred_b`` on the same test images, with its paired
     bootstrap interval."""
@@ -926,9 +990,12 @@ def accuracy_difference(y_true: Sequence, pred_a: Sequence, pred_b: Sequence, **
 
 def segmentation_difference(preds_a: Sequence[np.ndarray], preds_b: Sequence[np.ndarray],
                             gts: Sequence[np.ndarray], score: str = "seg", **options) -> Interval:
-    """``score`` (``seg``, or ``f1``/``ap`` at IoU 0.5) of label images ``preds_a`` minus that of ``preds_b`` on the
-    same reference images ``gts``, with its paired bootstrap interval over the images."""
+    """``score`` (``seg``, ``f1``/``ap`` at IoU 0.5, or ``pixel_dice``) of label images ``preds_a`` minus that of
+    ``preds_b`` on the same reference images ``gts``, with its paired bootstrap interval over the images."""
     if score == "seg":
         return paired_difference([seg_sums(preds_a, gts)], [seg_sums(preds_b, gts)], pooled_seg, **options)
+    if score == "pixel_dice":
+        return paired_difference([pixel_counts(preds_a, gts)], [pixel_counts(preds_b, gts)], pooled_pixel_dice,
+                                 **options)
     return paired_difference([matching_counts(preds_a, gts)], [matching_counts(preds_b, gts)],
                              lambda c: pooled_matching_score(c, score), **options)

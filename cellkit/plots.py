@@ -393,11 +393,12 @@ def class_mosaics(sets: dict[str, tuple[np.ndarray, np.ndarray]], class_names: S
 
 
 def learning_curves(histories: dict[str, dict[str, Sequence[float]]], title: str = "",
-                    metrics: Sequence[str] = ("loss", "accuracy")) -> plt.Figure:
+                    metrics: Sequence[str] = ("loss", "accuracy"), best_by: str = "val_accuracy") -> plt.Figure:
     """Training (solid) and validation (dashed) curves per epoch, one panel per metric, one colour per model.
 
     ``histories`` maps a model name to a Keras-style history: ``{"loss": [...], "val_loss": [...], ...}``.
-    A circle marks the epoch with the best validation accuracy (the weights early stopping kept).
+    A circle marks the epoch early stopping kept: the best ``best_by`` (``val_accuracy``: highest; ``val_loss``:
+    lowest).
     """
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.6), squeeze=False)
     colours = plt.cm.tab10(np.arange(len(histories)) % 10)
@@ -408,7 +409,8 @@ def learning_curves(histories: dict[str, dict[str, Sequence[float]]], title: str
             ax.plot(epochs, train, color=colour, linewidth=1.3, label=f"{name} train")
             if len(val):
                 ax.plot(epochs, val, color=colour, linewidth=1.3, linestyle="--", label=f"{name} validation")
-                best = int(np.nanargmax(history.get("val_accuracy", val)))
+                watched = np.asarray(history.get(best_by, val), dtype=float)
+                best = int(np.nanargmin(watched) if best_by == "val_loss" else np.nanargmax(watched))
                 ax.plot(best + 1, val[best], "o", color=colour, markersize=5)
         ax.set(xlabel="epoch", ylabel=metric, title=metric)
         if "loss" in metric:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -75,6 +76,7 @@ __all__ = [
     "SCALE_LIMITS",
     "THREE_CLASSES",
     "CellCrops",
+    "automatic_label_set",
     "automatic_labels",
     "balanced_class_weights",
     "binary_target",
@@ -1042,6 +1044,19 @@ def filter_label_images(
     if k:
         keep[np.argsort(shares, kind="stable")[:k]] = False
     return keep
+
+
+def automatic_label_set(data: Any, labels: Sequence[np.ndarray], filtered: bool = False) -> Any:
+    """``data`` (a :class:`cellkit.datasets.SegmentationSet`) with ``labels``, the automatic labels of its images
+    (one per image, in order, e.g. :func:`automatic_labels`), in place of its own labels, which are not read: what a
+    network trained without annotation sees. With ``filtered`` only the images report 003's filter keeps
+    (:func:`filter_label_images`, applied over this set). ``source`` says the labels are automatic."""
+    if len(labels) != len(data):
+        raise ValueError(f"{len(labels)} label images for {len(data)} images")
+    index = np.flatnonzero(filter_label_images(labels)) if filtered else np.arange(len(data))
+    kept = data.subset(index)
+    return dataclasses.replace(kept, labels=[labels[i] for i in index],
+                               source=f"{data.source}, automatic labels" + (", filtered" if filtered else ""))
 
 
 # --- counting nuclei (report 003, section 8.6) ---------------------------------------------------------------

@@ -1,23 +1,25 @@
-"""Notebook 05's study (report 000): input transformations x models, each model cross-validated over stratified
-folds, with time, memory and throughput per fold.
+"""Notebook 05's study (report 000): input transformations x models, each cell cross-validated over stratified
+folds with early stopping on an inner validation split, the held-out folds only scored, and the test split read
+once at the end for the cells the study names, each comparison a paired difference with its 95 % interval.
 
 >>> from cellkit import datasets, study
 >>> pool, test = datasets.load_pbc28("train"), datasets.load_pbc28("test")
->>> rows = study.cross_validate("basic-cnn", "normalised", pool, test, folds=4, epochs=5)
->>> table = study.study_table(rows)                  # mean and spread over folds per model x input
+>>> cell = study.cross_validate(study.Cell("basic-cnn", "normalised"), pool, folds=4, config=config)
+>>> table = study.study_table(cell.rows)             # held-out-fold scores, mean and spread per cell
+>>> predicted = study.read_test_once([cell, ...], test)          # the one reading of the test split
+>>> findings = study.claim_verdicts(predicted, test.labels)        # report 000's findings: holds / reversed / ...
 
-:data:`STUDY_INPUTS` holds report 000's inputs with its parameters (raw, normalised, augmented, Gaussian blur,
-Canny, Sobel, cell mask); :func:`kfold_indices` the stratified, seeded folds. :data:`REPORT000_CLAIMS` holds the
-report's findings as comparisons of two cells of the grid, and :func:`claim_verdicts` says which of them hold here
-(a difference beyond one standard deviation over folds):
-
->>> findings = pd.DataFrame(study.claim_verdicts(table, study.REPORT000_CLAIMS, optimisers))
+:data:`STUDY_INPUTS` holds report 000's inputs (raw, normalised, augmented, Gaussian blur with its kernel scaled to
+the image, Canny, Sobel, cell mask); :func:`kfold_indices` the stratified, seeded folds and :func:`inner_split`
+the validation split inside a training fold. :data:`REPORT000_CLAIMS` holds the report's findings as comparisons
+of two cells; :func:`claim_verdicts` tests each with :func:`cellkit.metrics.accuracy_difference` on the same test
+images.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,6 +31,28 @@ from cellkit.datasets.loaders import PBC_CROP
 from cellkit.training import FitConfig, at_size, fit, throughput
 
 keras = runtime.keras_module()
+
+#: Report 000's Gaussian blur: a 25x25 kernel on 50x50 cell images (OpenCV's sigma for it: 4.1 px).
+REPORT_BLUR_KERNEL, REPORT_IMAGE_SIZE = 25, 50
+
+
+def _opencv_sigma(kernel: float) -> float:
+    """The sigma (pixels) OpenCV's GaussianBlur derives from a kernel side when given none."""
+    return 0.3 * ((kernel - 1) / 2 - 1) + 0.8
+
+
+def scaled_blur_kernel(size: int, kernel: int = REPORT_BLUR_KERNEL, reference: int = REPORT_IMAGE_SIZE) -> int:
+    """The odd kernel side whose blur covers the same share of a ``size``-pixel image as a ``kernel`` kernel of a
+    ``reference``-pixel one: its OpenCV sigma is the nearest to the reference sigma scaled by size / reference.
+    25 at 50 px (sigma 4.1 px), 13 at 28 px (sigma 2.3 px = 4.1 x 28 / 50)."""
+    if size < 1:
+        raise ValueError(f"image size must be positive, got {size}")
+    sigma = _opencv_sigma(kernel) * size / reference
+    return max(1, 2 * round((sigma - 0.8) / 0.3 + 1) + 1)
+
+
+def _scaled_blur(image: np.ndarray) -> np.ndarray:
+    return transforms.gaussian_blur(image, ksize=scaled_blur_kernel(image.shape[0]))
 
 
 @dataclass(frozen=True)
@@ -58,7 +82,8 @@ STUDY_INPUTS: dict[str, StudyInput] = {
     "raw": StudyInput(None, "raw", "none", "pixel values 0..255, not normalised"),
     "normalised": StudyInput(None, "zscore", "none", "per-image standardisation (mean 0, sd 1)"),
     "augmented": StudyInput(None, "zscore", "flip_rotate50", "normalised + random flips and rotation -50..50 deg"),
-    "gaussian_blur": StudyInput(_each(transforms.gaussian_blur), "zscore", "none", "Gaussian blur, 25x25 kernel"),
+    "gaussian_blur": StudyInput(_each(_scaled_blur), "zscore", "none",
+                                "Gaussian blur, report 000's 25x25 kernel on 50x50 scaled to the image (13x13 at 28)"),
     "canny": StudyInput(_each(transforms.canny), "zscore", "none", "Canny edges, thresholds 10 and 200"),
     "sobel": StudyInput(_each(transforms.sobel), "zscore", "none", "Sobel gradient magnitude per channel"),
     "cell_mask": StudyInput(transforms.cell_mask_input, "zscore", "none", "only the central cell (mask)"),
@@ -97,6 +122,42 @@ def kfold_indices(labels: np.ndarray, folds: int, seed: int = DEFAULT_SEED) -> l
     return [(train, held) for train, held in splitter.split(np.zeros(len(labels)), labels)]
 
 
+def inner_split(train_index: np.ndarray, labels: np.ndarray, fraction: float,
+                seed: int = DEFAULT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """A training fold's indices ``train_index`` -> (indices to fit on, inner validation indices): a stratified,
+    seeded ``fraction`` of the fold for early stopping, so that the held-out fold is only ever scored."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"the inner validation fraction must be between 0 and 1, got {fraction}")
+    train_index = np.asarray(train_index)
+    fit_index, val_index = train_test_split(train_index, test_size=fraction, random_state=seed,
+                                            stratify=np.asarray(labels)[train_index])
+    return np.sort(fit_index), np.sort(val_index)
+
+
+class Cell(NamedTuple):
+    """One cell of the study: a registered model, an input of :data:`STUDY_INPUTS` and an optimizer."""
+
+    model: str
+    input: str
+    optimizer: str = "adam"
+
+    def __str__(self) -> str:
+        return f"{self.model}/{self.input}" + ("" if self.optimizer == "adam" else f"/{self.optimizer}")
+
+
+@dataclass
+class CellRun:
+    """What :func:`cross_validate` kept of one cell: a row per fold (held-out scores, curves, time, memory) and
+    the weights of each fold's model, so the test split can be scored later, once (:func:`read_test_once`)."""
+
+    cell: Cell
+    rows: list[dict[str, Any]]
+    weights: list[list[np.ndarray]] = field(repr=False)
+    crop: int | None = PBC_CROP
+
+
 def _scores(report: dict[str, Any], prefix: str) -> dict[str, Any]:
     """Accuracy and macro precision, recall and F1 of a classification report, keys prefixed."""
     per_class = report["per_class"].values()
@@ -106,79 +167,58 @@ def _scores(report: dict[str, Any], prefix: str) -> dict[str, Any]:
             f"{prefix}_f1": report["macro_f1"]}
 
 
-def cross_validate(model_name: str, input_name: str, pool: ImageSet, test: ImageSet | None = None, folds: int = 4,
-                   config: FitConfig | None = None, precision: str = "auto", seed: int = DEFAULT_SEED,
+def cross_validate(cell: Cell, pool: ImageSet, folds: int = 4, config: FitConfig | None = None,
+                   inner_fraction: float = 0.15, precision: str = "auto", seed: int = DEFAULT_SEED,
                    crop: int | None = PBC_CROP, throughput_seconds: float = 1.0, progress: str = "none",
-                   fold_limit: int | None = None) -> list[dict[str, Any]]:
-    """k-fold cross-validation of registered model ``model_name`` on input ``input_name`` (:data:`STUDY_INPUTS`).
+                   fold_limit: int | None = None) -> CellRun:
+    """k-fold cross-validation of ``cell`` (model, input, optimizer) on ``pool``.
 
-    ``pool`` is split by :func:`kfold_indices`; each fold trains a fresh model (``config``, default: the model's
-    recipe, with the input's augmentation) on the other folds, with the held-out fold as validation split (early
-    stopping watches it), and scores it on the held-out fold and, if given, on ``test`` (never used for any
-    choice). ``fold_limit`` runs only the first folds (e.g. an optimiser comparison on one fold).
+    ``pool`` is split by :func:`kfold_indices`; for each fold a fresh model is trained (``config``, default: the
+    model's recipe; the cell's optimizer and its input's augmentation override it) on the training folds minus
+    an inner validation split (:func:`inner_split`, ``inner_fraction``), on which early stopping watches
+    ``config.monitor`` and keeps the best epoch's weights; the held-out fold is only scored. ``fold_limit`` runs
+    only the first folds. No test image is read here.
 
-    Returns one row per fold: model, input, fold, ``cv_*`` and ``test_*`` accuracy and macro precision, recall,
-    F1, ``test_f1_per_class`` ({class: F1}), ``history``, ``train_seconds``, ``cpu_seconds``,
-    ``seconds_per_epoch``, ``ms_per_image_epoch`` (training time per image and epoch), ``peak_rss_mb`` (process
-    peak while fitting), ``rss_increase_mb``, ``params`` and ``images_per_second`` (inference, wall clock).
+    Returns a :class:`CellRun`: one row per fold with model, input, optimizer, fold, sizes, ``cv_*`` accuracy and
+    macro precision, recall, F1 of the held-out fold, ``history``, ``epochs_run``, ``best_epoch``,
+    ``train_seconds``, ``cpu_seconds``, ``ms_per_image_epoch`` (training wall time per image and epoch),
+    ``peak_rss_mb``, ``rss_increase_mb`` (memory the fit added to the process), ``params``, ``weights_mb``
+    (float32 parameters), ``images_per_second`` and ``ms_per_image`` (inference, wall clock); and the weights.
     """
-    entry, source = classifiers.spec(model_name), study_input(input_name)
+    entry, source = classifiers.spec(cell.model), study_input(cell.input)
     size = entry.input_size
-    config = replace(config or FitConfig.for_model(model_name), augment=source.augment)
-    x_pool = study_images(pool.images, input_name, size, crop)
-    x_test = study_images(test.images, input_name, size, crop) if test is not None else None
+    base = config or FitConfig.for_model(cell.model)
+    config = replace(base, augment=source.augment, optimizer=cell.optimizer)
+    x_pool = study_images(pool.images, cell.input, size, crop)
     n_classes = len(pool.class_names)
-    rows = []
+    rows, weights = [], []
     for fold, (train_index, held_index) in enumerate(kfold_indices(pool.labels, folds, seed)[:fold_limit]):
+        fit_index, val_index = inner_split(train_index, pool.labels, inner_fraction, seed + fold)
         keras.utils.set_random_seed(seed + fold)
         with runtime.dtype_policy(precision):
-            model = classifiers.build(model_name, n_classes, size)
-            result = fit(model, x_pool[train_index], pool.labels[train_index], x_pool[held_index],
-                         pool.labels[held_index], config, source.preprocessing, seed + fold, progress,
-                         name=f"{model_name}/{input_name}/fold{fold + 1}")
-        row = {"model": model_name, "input": input_name, "fold": fold + 1, "optimizer": config.optimizer,
-               "n_train": len(train_index), "n_held_out": len(held_index)}
-        row.update(_scores(_report(model, x_pool[held_index], pool.labels[held_index], pool.class_names,
-                                   source.preprocessing), "cv"))
-        if x_test is not None:
-            report = _report(model, x_test, test.labels, test.class_names, source.preprocessing)
-            row.update(_scores(report, "test"))
-            row["test_f1_per_class"] = {name: c["f1"] for name, c in report["per_class"].items()}
-        row.update({
+            model = classifiers.build(cell.model, n_classes, size)
+            result = fit(model, x_pool[fit_index], pool.labels[fit_index], x_pool[val_index],
+                         pool.labels[val_index], config, source.preprocessing, seed + fold, progress,
+                         name=f"{cell}/fold{fold + 1}")
+        report = _report(model, x_pool[held_index], pool.labels[held_index], pool.class_names, source.preprocessing)
+        speed = (throughput(model, x_pool[held_index][:512], source.preprocessing, min_seconds=throughput_seconds)
+                 if throughput_seconds > 0 else None)
+        rows.append({
+            "model": cell.model, "input": cell.input, "optimizer": cell.optimizer, "fold": fold + 1,
+            "n_fit": len(fit_index), "n_inner_val": len(val_index), "n_held_out": len(held_index),
+            **_scores(report, "cv"), "monitor": config.monitor,
             "history": result.history, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-            "train_seconds": result.seconds, "cpu_seconds": result.cpu_seconds,
-            "seconds_per_epoch": result.seconds_per_epoch,
-            "ms_per_image_epoch": 1000 * result.seconds / max(result.epochs_run * len(train_index), 1),
+            "stopped_early": result.stopped_early, "train_seconds": result.seconds,
+            "cpu_seconds": result.cpu_seconds, "seconds_per_epoch": result.seconds_per_epoch,
+            "ms_per_image_epoch": 1000 * result.seconds / max(result.epochs_run * len(fit_index), 1),
             "peak_rss_mb": result.peak_rss_mb, "rss_increase_mb": result.rss_increase_mb,
-            "params": model.count_params(), "precision": result.precision,
-            "images_per_second": throughput(model, x_pool[held_index][:512], source.preprocessing,
-                                            min_seconds=throughput_seconds) if throughput_seconds > 0 else None,
+            "params": model.count_params(), "weights_mb": 4 * model.count_params() / 2**20,
+            "precision": result.precision, "images_per_second": speed,
+            "ms_per_image": 1000 / speed if speed else None,
         })
-        rows.append(row)
+        weights.append([np.array(w) for w in model.get_weights()])
         keras.backend.clear_session()
-    return rows
-
-
-#: The scores :func:`study_table` averages over folds.
-STUDY_SCORES = ("cv_accuracy", "cv_precision", "cv_recall", "cv_f1", "test_accuracy", "test_precision",
-                "test_recall", "test_f1")
-
-
-def study_table(rows: Sequence[dict[str, Any]], by: Sequence[str] = ("model", "input")) -> Any:
-    """Rows of :func:`cross_validate` -> a pandas DataFrame indexed by ``by``: the mean over folds of each score
-    of :data:`STUDY_SCORES` present, its standard deviation over folds (``*_sd``; 0 for one fold), ``folds``,
-    and the mean ``train_seconds``, ``ms_per_image_epoch``, ``peak_rss_mb``, ``rss_increase_mb``,
-    ``images_per_second`` and ``params``."""
-    import pandas as pd
-
-    frame = pd.DataFrame(list(rows))
-    scores = [c for c in STUDY_SCORES if c in frame]
-    costs = [c for c in ("train_seconds", "ms_per_image_epoch", "peak_rss_mb", "rss_increase_mb",
-                         "images_per_second", "params") if c in frame]
-    grouped = frame.groupby(list(by), sort=False)
-    table = grouped[scores + costs].mean()
-    spread = grouped[scores].std(ddof=1).fillna(0.0).add_suffix("_sd")
-    return table.join(spread).assign(folds=grouped.size())
+    return CellRun(cell, rows, weights, crop)
 
 
 def _report(model: Any, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
@@ -186,104 +226,142 @@ def _report(model: Any, images: np.ndarray, labels: np.ndarray, class_names: Seq
     return metrics.proba_report(labels, classifiers.predict_proba(model, images, preprocessing), class_names)
 
 
+def cell_probabilities(run: CellRun, images: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class probabilities (n, n_classes) of ``run``'s cell on uint8 ``images``: its input transformation, then
+    the mean of its fold models' softmax outputs (one model: that model's)."""
+    entry, source = classifiers.spec(run.cell.model), study_input(run.cell.input)
+    x = study_images(images, run.cell.input, entry.input_size, run.crop)
+    model = classifiers.build(run.cell.model, n_classes, entry.input_size)
+    total = np.zeros((len(x), n_classes))
+    for weights in run.weights:
+        model.set_weights(weights)
+        total += classifiers.predict_proba(model, x, source.preprocessing)
+    keras.backend.clear_session()
+    return total / len(run.weights)
+
+
+def read_test_once(runs: Sequence[CellRun], test: ImageSet) -> dict[Cell, np.ndarray]:
+    """The one reading of the test split: each run's predicted class per test image (n,), by
+    :func:`cell_probabilities`, keyed by cell. Call it once, after every choice was made."""
+    n_classes = len(test.class_names)
+    return {run.cell: cell_probabilities(run, test.images, n_classes).argmax(axis=1) for run in runs}
+
+
+#: The held-out-fold scores :func:`study_table` averages over folds.
+STUDY_SCORES = ("cv_accuracy", "cv_precision", "cv_recall", "cv_f1")
+#: The costs :func:`study_table` averages over folds.
+STUDY_COSTS = ("epochs_run", "best_epoch", "train_seconds", "cpu_seconds", "ms_per_image_epoch", "peak_rss_mb",
+               "rss_increase_mb", "images_per_second", "ms_per_image", "params", "weights_mb")
+
+
+def study_table(rows: Sequence[dict[str, Any]], by: Sequence[str] = ("model", "input", "optimizer")) -> Any:
+    """Rows of :func:`cross_validate` -> a pandas DataFrame indexed by ``by``: the mean over folds of each score
+    of :data:`STUDY_SCORES` and cost of :data:`STUDY_COSTS` present, the standard deviation of the scores over
+    folds (``*_sd``; 0 for one fold) and ``folds``."""
+    import pandas as pd
+
+    frame = pd.DataFrame(list(rows))
+    scores = [c for c in STUDY_SCORES if c in frame]
+    costs = [c for c in STUDY_COSTS if c in frame]
+    grouped = frame.groupby(list(by), sort=False)
+    table = grouped[scores + costs].mean()
+    spread = grouped[scores].std(ddof=1).fillna(0.0).add_suffix("_sd")
+    return table.join(spread).assign(folds=grouped.size())
+
+
+def best_cell(table: Any) -> Cell:
+    """The cell of a :func:`study_table` with the highest mean held-out-fold accuracy (never a test score)."""
+    return Cell(*table["cv_accuracy"].idxmax())
+
+
+def scores_on_test(predicted: dict[Cell, np.ndarray], y_true: np.ndarray, n_classes: int, **options) -> list[dict]:
+    """One row per cell: test accuracy and macro-F1, each with its 95 % bootstrap interval over the test images
+    (:func:`cellkit.metrics.accuracy_interval`, :func:`cellkit.metrics.macro_f1_interval`)."""
+    rows = []
+    for cell, pred in predicted.items():
+        accuracy = metrics.accuracy_interval(y_true, pred, **options)
+        macro_f1 = metrics.macro_f1_interval(y_true, pred, n_classes, **options)
+        rows.append({"model": cell.model, "input": cell.input, "optimizer": cell.optimizer,
+                     "test_accuracy": accuracy.estimate, "test_accuracy_ci": [accuracy.low, accuracy.high],
+                     "test_macro_f1": macro_f1.estimate, "test_macro_f1_ci": [macro_f1.low, macro_f1.high]})
+    return rows
+
+
 # --- report 000's findings, re-tested -------------------------------------------------------------------------
 
 
 class Claim(NamedTuple):
-    """A finding of report 000 as a comparison of two cells of the grid: ``said`` (the report's words) claims that
-    the held-out accuracy of (``model_a``, ``input_a``) minus that of (``model_b``, ``input_b``) has the sign
-    ``sign`` (+1: a is better, -1: a is worse)."""
+    """A finding of report 000 as a comparison of two cells: ``said`` (the report's words) claims that the test
+    accuracy of cell ``a`` minus that of cell ``b`` has the sign ``sign`` (+1: a is better, -1: a is worse)."""
 
     said: str
-    model_a: str
-    input_a: str
-    model_b: str
-    input_b: str
+    a: Cell
+    b: Cell
     sign: int
 
 
-#: Report 000's findings that one grid of :func:`cross_validate` runs can re-test.
+_CNN, _R18, _R50 = "basic-cnn", "resnet18-small", "resnet50"
+
+#: Report 000's findings, each as a comparison of two cells of the study (ResNet-18 is the small-image one).
 REPORT000_CLAIMS: tuple[Claim, ...] = (
-    Claim("normalisation helps (basic CNN: precision doubled)", "basic-cnn", "normalised", "basic-cnn", "raw", +1),
-    Claim("augmentation: +0.9% accuracy (basic CNN)", "basic-cnn", "augmented", "basic-cnn", "normalised", +1),
-    Claim("Gaussian blur hurts the basic CNN (-0.5 to -0.7%)", "basic-cnn", "gaussian_blur", "basic-cnn", "normalised",
+    Claim("normalisation helps (basic CNN: precision doubled)", Cell(_CNN, "normalised"), Cell(_CNN, "raw"), +1),
+    Claim("normalisation helps (ResNet-18)", Cell(_R18, "normalised"), Cell(_R18, "raw"), +1),
+    Claim("augmentation: +0.9% accuracy (basic CNN)", Cell(_CNN, "augmented"), Cell(_CNN, "normalised"), +1),
+    Claim("Gaussian blur hurts the basic CNN (-0.5 to -0.7%)", Cell(_CNN, "gaussian_blur"), Cell(_CNN, "normalised"),
           -1),
-    Claim("Canny hurts the basic CNN (-0.5 to -0.7%)", "basic-cnn", "canny", "basic-cnn", "normalised", -1),
-    Claim("Sobel hurts the basic CNN (-0.5 to -0.7%)", "basic-cnn", "sobel", "basic-cnn", "normalised", -1),
-    Claim("Gaussian blur helps ResNet-18 (+6.4%)", "resnet18", "gaussian_blur", "resnet18", "normalised", +1),
-    Claim("Sobel helps ResNet-18 (+4.3%)", "resnet18", "sobel", "resnet18", "normalised", +1),
-    Claim("cell mask helps ResNet-18 (+3.3%)", "resnet18", "cell_mask", "resnet18", "normalised", +1),
-    Claim("Gaussian blur helps ResNet-50 (+5.16%)", "resnet50", "gaussian_blur", "resnet50", "normalised", +1),
-    Claim("ResNet-18 beats the basic CNN (17% vs 15%)", "resnet18", "normalised", "basic-cnn", "normalised", +1),
-    Claim("ResNet-18 beats ResNet-50 (17% vs 14.5%)", "resnet18", "normalised", "resnet50", "normalised", +1),
-    Claim("ViT beats ResNet-18 by about 4%", "vit", "normalised", "resnet18", "normalised", +1),
+    Claim("Canny hurts the basic CNN (-0.5 to -0.7%)", Cell(_CNN, "canny"), Cell(_CNN, "normalised"), -1),
+    Claim("Sobel hurts the basic CNN (-0.5 to -0.7%)", Cell(_CNN, "sobel"), Cell(_CNN, "normalised"), -1),
+    Claim("cell mask hurts the basic CNN (-0.5 to -0.7%)", Cell(_CNN, "cell_mask"), Cell(_CNN, "normalised"), -1),
+    Claim("Gaussian blur helps ResNet-18 (+6.4%)", Cell(_R18, "gaussian_blur"), Cell(_R18, "normalised"), +1),
+    Claim("Sobel helps ResNet-18 (+4.3%)", Cell(_R18, "sobel"), Cell(_R18, "normalised"), +1),
+    Claim("cell mask helps ResNet-18 (+3.3%)", Cell(_R18, "cell_mask"), Cell(_R18, "normalised"), +1),
+    Claim("blur helps ResNet-18 most (+6.4% vs Sobel's +4.3%)", Cell(_R18, "gaussian_blur"), Cell(_R18, "sobel"),
+          +1),
+    Claim("Gaussian blur helps ResNet-50 (+5.16%)", Cell(_R50, "gaussian_blur"), Cell(_R50, "normalised"), +1),
+    Claim("ResNet-18 beats the basic CNN (17% vs 15%)", Cell(_R18, "normalised"), Cell(_CNN, "normalised"), +1),
+    Claim("ResNet-18 beats ResNet-50 (17% vs 14.5%)", Cell(_R18, "normalised"), Cell(_R50, "normalised"), +1),
+    Claim("ViT beats ResNet-18 by about 4%", Cell("vit", "normalised"), Cell(_R18, "normalised"), +1),
+    Claim("Adam over SGD (basic CNN)", Cell(_CNN, "normalised"), Cell(_CNN, "normalised", "sgd"), +1),
+    Claim("Adam over SGD (ResNet-18)", Cell(_R18, "normalised"), Cell(_R18, "normalised", "sgd"), +1),
 )
 
-
-def accuracy_gap(table: Any, a: tuple[str, str], b: tuple[str, str]) -> tuple[float | None, float | None, int]:
-    """(mean held-out accuracy of cell ``a`` minus cell ``b``, the larger of their fold standard deviations, the
-    fewer of their folds) in a :func:`study_table` indexed by (model, input); (None, None, 0) when a cell is
-    missing (not run)."""
-    if a not in table.index or b not in table.index:
-        return None, None, 0
-    first, second = table.loc[a], table.loc[b]
-    return (float(first["cv_accuracy"] - second["cv_accuracy"]),
-            float(max(first["cv_accuracy_sd"], second["cv_accuracy_sd"])), int(min(first["folds"], second["folds"])))
+#: The verdicts :func:`claim_verdict` gives.
+VERDICTS = ("holds", "reversed", "not resolved at this budget", "not run in this profile")
 
 
-def claim_verdict(difference: float | None, sd: float | None, folds: int, sign: int) -> str:
-    """Whether a claimed sign holds: "holds" when ``sign * difference`` exceeds the fold spread ``sd``, "does not
-    hold" when ``-sign * difference`` does, "unclear ..." within the spread or with fewer than 2 folds (no
-    spread), "not run in this profile" when ``difference`` is None."""
+def claim_verdict(difference: metrics.Interval | None, sign: int) -> str:
+    """Whether a claimed sign holds, from the interval of the difference a - b: "holds" when the whole interval
+    has the claimed sign, "reversed" when it has the opposite sign, "not resolved at this budget" when it
+    includes 0, "not run in this profile" when there is no difference (a cell was not run)."""
     if difference is None:
         return "not run in this profile"
-    if folds < 2:
-        return "unclear (one fold, no spread)"
-    if sign * difference > sd:
-        return "holds"
-    if -sign * difference > sd:
-        return "does not hold"
-    return "unclear (within the fold spread)"
+    if difference.low <= 0 <= difference.high:
+        return "not resolved at this budget"
+    return "holds" if sign * difference.low > 0 else "reversed"
 
 
-def claim_verdicts(table: Any, claims: Sequence[Claim] = REPORT000_CLAIMS, optimisers: Any = None
-                   ) -> list[dict[str, Any]]:
-    """One row per claim: ``report 000 said``, ``comparison``, ``here (points)`` (the difference of mean held-out
-    accuracies, percentage points, 1 decimal), ``fold sd (points)`` (the larger fold standard deviation of the two
-    cells, the margin a difference must exceed) and ``verdict`` (:func:`claim_verdict`); then, with
-    ``optimisers``, the rows of :func:`fluctuation_verdicts`.
+def claim_verdicts(predicted: dict[Cell, np.ndarray], y_true: np.ndarray, claims: Sequence[Claim] = REPORT000_CLAIMS,
+                   **options) -> list[dict[str, Any]]:
+    """One row per claim: ``report 000 said``, ``comparison``, ``here (points)`` (test accuracy of a minus b in
+    percentage points, 2 decimals), ``95% interval (points)`` (its paired bootstrap interval over the same test
+    images, :func:`cellkit.metrics.accuracy_difference`) and ``verdict`` (:func:`claim_verdict`).
 
-    ``table`` is a :func:`study_table` indexed by (model, input). Rows are JSON-ready, as notebook 05 records them:
-    None where nothing was measured (a cell not run, no spread), NaN where a measurement is undefined;
-    ``pandas.DataFrame(rows)`` shows them as a table.
+    ``predicted`` maps cells to their predicted classes on the test images ``y_true`` (:func:`read_test_once`).
+    Rows are JSON-ready; None where a cell was not run. ``options`` go to the bootstrap (seed, resamples).
     """
     rows = []
     for claim in claims:
-        difference, sd, folds = accuracy_gap(table, (claim.model_a, claim.input_a), (claim.model_b, claim.input_b))
-        rows.append({"report 000 said": claim.said,
-                     "comparison": f"{claim.model_a}/{claim.input_a} - {claim.model_b}/{claim.input_b}",
-                     "here (points)": None if difference is None else round(100 * difference, 1),
-                     "fold sd (points)": None if sd is None else round(100 * sd, 1),
-                     "verdict": claim_verdict(difference, sd, folds, claim.sign)})
-    return rows + fluctuation_verdicts(optimisers)
-
-
-def fluctuation_verdicts(optimisers: Any) -> list[dict[str, Any]]:
-    """Report 000's "SGD fluctuates more than Adam", one row per model (the columns of :func:`claim_verdicts`).
-
-    ``optimisers`` is a DataFrame with ``model``, ``optimizer`` (``adam``, ``sgd``) and ``val accuracy change per
-    epoch`` (the mean absolute change of the validation accuracy from one epoch to the next, NaN after one epoch),
-    or None. The verdict is the sign of sgd - adam ("unclear (one epoch)" when it is NaN): one run each, no spread.
-    """
-    if optimisers is None or not len(optimisers):
-        return []
-    change = optimisers.pivot(index="model", columns="optimizer", values="val accuracy change per epoch")
-    rows = []
-    for model_name, row in change.iterrows():
-        more = row["sgd"] - row["adam"]
-        rows.append({"report 000 said": f"SGD fluctuates more than Adam ({model_name})",
-                     "comparison": "mean |change| of validation accuracy per epoch, sgd - adam",
-                     "here (points)": round(100 * more, 1), "fold sd (points)": None,
-                     "verdict": "unclear (one epoch)" if np.isnan(more) else
-                     "holds" if row["sgd"] > row["adam"] else "does not hold"})
+        difference = None
+        if claim.a in predicted and claim.b in predicted:
+            difference = metrics.accuracy_difference(y_true, predicted[claim.a], predicted[claim.b], **options)
+        rows.append({"report 000 said": claim.said, "comparison": f"{claim.a} - {claim.b}",
+                     "here (points)": None if difference is None else round(100 * difference.estimate, 2),
+                     "95% interval (points)": None if difference is None else
+                     [round(100 * difference.low, 2), round(100 * difference.high, 2)],
+                     "verdict": claim_verdict(difference, claim.sign)})
     return rows
+
+
+def cells_of(claims: Sequence[Claim]) -> list[Cell]:
+    """The cells ``claims`` compare, each once, in order of first mention."""
+    return list(dict.fromkeys(cell for claim in claims for cell in (claim.a, claim.b)))

@@ -158,7 +158,9 @@ class FitConfig:
     weight_decay : AdamW's decoupled weight decay (ignored by ``adam``).
     label_smoothing : of the categorical cross-entropy (0: none).
     augment : see :func:`cellkit.transforms.augment_batch` (:data:`cellkit.transforms.AUGMENTATIONS`).
-    patience : epochs without a better validation accuracy before stopping; the best epoch's weights are kept.
+    patience : epochs without a better ``monitor`` before stopping; the best epoch's weights are kept.
+    monitor : what early stopping watches: ``val_accuracy`` (higher is better) or ``val_loss`` (lower is better;
+        stopping once the validation loss has stopped falling for ``patience`` epochs: it has flattened).
     class_weight : ``balanced`` weighs each image by n / (k * n_class), so every class counts the same; None.
     tta : test-time augmentation: ``none``, ``flips``, ``dihedral`` or ``auto`` (chosen on the validation split).
     """
@@ -172,6 +174,7 @@ class FitConfig:
     label_smoothing: float = 0.0
     augment: str = "none"
     patience: int = 5
+    monitor: str = "val_accuracy"
     class_weight: str | None = None
     tta: str = "none"
 
@@ -185,6 +188,8 @@ class FitConfig:
         if self.tta not in (*classifiers.TTA_VIEWS, "auto"):
             raise ValueError(f"unknown test-time augmentation {self.tta!r}; "
                              f"use {', '.join(classifiers.TTA_VIEWS)}, auto")
+        if self.monitor not in ("val_accuracy", "val_loss"):
+            raise ValueError(f"monitor must be val_accuracy or val_loss, got {self.monitor!r}")
         if self.class_weight not in (None, "balanced"):
             raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -322,11 +327,12 @@ def fit(model: Any, train_images: np.ndarray, train_labels: np.ndarray, val_imag
         progress: str = "epoch", name: str = "", max_seconds: float | None = None) -> FitResult:
     """Train ``model`` on uint8 images (n, h, w, 3) with ``config``; returns what was measured.
 
-    Early stopping watches the validation accuracy with ``config.patience``; the weights of the best epoch are
-    restored at the end (so the model returned is the one chosen on the validation split). In a model with batch
-    norm it starts watching only after :func:`batch_norm_warmup_epochs`: until the running statistics have
-    forgotten their initial values, validation scores the initialisation, not the model. ``progress`` is
-    ``bar`` (a progress bar per epoch and a line per epoch), ``epoch`` (a line per epoch) or ``none``.
+    Early stopping watches ``config.monitor`` (the validation accuracy or loss) with ``config.patience``; the
+    weights of the best epoch are restored at the end (so the model returned is the one chosen on the validation
+    split). In a model with batch norm it starts watching only after :func:`batch_norm_warmup_epochs`: until the
+    running statistics have forgotten their initial values, validation scores the initialisation, not the model.
+    ``progress`` is ``bar`` (a progress bar per epoch and a line per epoch), ``epoch`` (a line per epoch) or
+    ``none``.
     ``max_seconds`` (optional): no new epoch starts once training has taken that long (a time budget).
     Wall time and the peak resident memory of the process are measured around ``model.fit``.
     """
@@ -341,7 +347,8 @@ def fit(model: Any, train_images: np.ndarray, train_labels: np.ndarray, val_imag
     val_y = np.eye(n_classes, dtype=np.float32)[np.asarray(val_labels)]
     compile_model(model, config, len(batches))
     warmup = batch_norm_warmup_epochs(model, len(batches))
-    stopper = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=config.patience,
+    mode = "min" if config.monitor == "val_loss" else "max"
+    stopper = keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience,
                                             restore_best_weights=True, start_from_epoch=warmup)
     callbacks = [stopper] if max_seconds is None else [stopper, TimeBudget(max_seconds)]
     if progress != "none":
@@ -352,7 +359,8 @@ def fit(model: Any, train_images: np.ndarray, train_labels: np.ndarray, val_imag
     epochs_run = len(hist.get("loss", []))
     val_acc = hist.get("val_accuracy", [float("nan")])
     if epochs_run > warmup:  # the epoch whose weights early stopping restored
-        best = warmup + int(np.nanargmax(val_acc[warmup:]))
+        watched = np.asarray(hist.get(config.monitor, val_acc)[warmup:], dtype=float)
+        best = warmup + int(np.nanargmin(watched) if mode == "min" else np.nanargmax(watched))
     else:  # training ended within the warm-up: the last weights are kept
         best = max(epochs_run - 1, 0)
     return FitResult(

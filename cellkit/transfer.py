@@ -1,28 +1,32 @@
-"""Notebook 06's experiments (report 004, section 2): VGG16 transfer learning, class imbalance, multi-label heads.
+"""Notebook 06's experiments (report 004, section 2): does knowledge from another domain help when target labels
+are few?
 
-Report 004 put two dense ReLU layers, dropout and a softmax on an ImageNet VGG16 base. The base here is
-``keras.applications.VGG16(include_top=False)``; its ImageNet weights are used only when the file is on disk
-(Keras' cache or a path the user gives): nothing is downloaded behind the user's back, and a missing file is
-a one-line error, never a silent switch to other weights.
+Report 004 moved ImageNet features (photographs) to HEp-2 cells. The offline counterpart here is a source that
+differs from the target in the same way: a small CNN pretrained **without labels** (SimCLR, Chen et al. 2020) on
+crops of DSB 2018 fluorescence nuclei (grey, bright on dark), then moved to stained blood cells (PBC, colour,
+dark on light) at the same input size. ImageNet VGG16 weights are still used when their file is on disk (Keras'
+cache or a path the user gives): nothing is downloaded behind the user's back, and a missing file that was asked
+for is a one-line error, never a silent switch to other weights.
 
-VGG16 at 96x96 costs about 3 GFLOP per image and pass, so on a CPU nothing runs the frozen blocks twice:
-the outputs of blocks 1-4 (:data:`VGG16_CUT`) are computed once per image (:func:`cache_target`), the head is
-trained on block 5's outputs (phase 1), and fine-tuning trains block 5 and the head on the cached block-4
-outputs (phase 2). Training from scratch has no such shortcut: every step runs the whole network.
-
-==============================================  =================================================================
-:func:`build_vgg16_base`, :func:`vgg16_weights`  the base and its weights (ImageNet from disk, or a file)
-:func:`build_transfer_head`                      report 004's head; :func:`split_vgg16`, :func:`build_vgg16_classifier`
-:func:`cache_target`, :func:`transfer_run`       the frozen blocks once, then head and fine-tuning on the cache
-:func:`scratch_run`, :func:`pretrain_source`     the same network from random weights; an offline source task
-:func:`imbalanced_subset`, :func:`minority_copies`  class imbalance and report 004's remedy
-:func:`multilabel_scores`                        binary relevance or one multi-output head
-==============================================  =================================================================
+=====================================================  ================================================================
+:func:`nucleus_crops`                                  the unlabelled source: DSB nuclei cut out at the target's size
+:func:`contrastive_views`, :func:`nt_xent`             SimCLR's two augmented views and its loss
+:func:`pretrain_contrastive`                           the encoder (``cellnet``'s convolutions) pretrained on them
+:func:`encoder_of`, :func:`with_encoder_weights`       the encoder of a ``cellnet``; moved into a new classifier
+:func:`embed`, :func:`linear_probe`                    frozen features and a logistic regression chosen on validation
+:func:`cnn_run`                                        ``cellnet`` trained on the target, from random or source weights
+:func:`label_fraction`, :func:`epochs_for_fraction`    nested, stratified label subsets for the label curve
+:func:`imbalanced_indices`, :func:`minority_copies`    class imbalance and report 004's remedy
+:func:`build_vgg16_base`, :func:`vgg16_weights`        VGG16 and its weights (ImageNet from disk, or a file)
+:func:`scratch_run`                                    VGG16 + report 004's head from random weights, on a time budget
+:func:`multilabel_scores`                              binary relevance or one multi-output head
+=====================================================  ================================================================
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -30,16 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
-from cellkit import metrics, runtime, transforms
+from cellkit import classifiers, metrics, runtime, segmentation, transforms
 from cellkit.classifiers import outputs_of
 from cellkit.config import DEFAULT_SEED
-from cellkit.datasets import DataError, ImageSet
-from cellkit.training import FitConfig, FitResult, MemorySampler, at_size, balanced_weights, fit, fit_arrays, scope_name
+from cellkit.datasets import DataError, ImageSet, SegmentationSet
+from cellkit.training import FitConfig, FitResult, MemorySampler, fit, fit_arrays, scope_name
 
 keras = runtime.keras_module()
-
 
 # --------------------------------------------------------------------------------------------------------
 # VGG16: base, weights, head
@@ -51,9 +55,6 @@ VGG16_NOTOP_URL = f"https://storage.googleapis.com/tensorflow/keras-applications
 VGG16_NOTOP_MD5 = "6d6bbae143d832006294945121d1f1fc"
 #: Environment variable naming a weights file for the VGG16 base (overrides Keras' cache).
 VGG16_WEIGHTS_ENV = "CELLKIT_VGG16_WEIGHTS"
-#: The layer after which the base is cut for fine-tuning: block 5 (three 3x3 convolutions with 512 filters and a
-#: max-pool) is the part that is fine-tuned; blocks 1-4 stay frozen and their outputs are computed once.
-VGG16_CUT = "block4_pool"
 #: Units of the report's two dense ReLU layers, and its dropout.
 TRANSFER_HEAD_UNITS = (256, 128)
 TRANSFER_HEAD_DROPOUT = 0.5
@@ -145,20 +146,6 @@ def build_transfer_head(feature_shape: Sequence[int], n_outputs: int, activation
     return keras.Model(inputs, outputs, name=name)
 
 
-def split_vgg16(base: keras.Model, cut: str = VGG16_CUT) -> tuple[keras.Model, keras.Model]:
-    """(lower, upper): ``base`` cut after layer ``cut``; ``upper(lower(x)) == base(x)``, and both share the
-    base's layers (weights trained in ``upper`` are the base's). Used to compute the frozen lower part once."""
-    names = [layer.name for layer in base.layers]
-    if cut not in names:
-        raise ValueError(f"no layer {cut!r} in {base.name}; layers: {', '.join(names)}")
-    lower = keras.Model(base.input, base.get_layer(cut).output, name=f"{base.name}_to_{cut}")
-    inputs = keras.Input(tuple(base.get_layer(cut).output.shape[1:]))
-    x = inputs
-    for layer in base.layers[names.index(cut) + 1:]:
-        x = layer(x)
-    return lower, keras.Model(inputs, x, name=f"{base.name}_after_{cut}")
-
-
 def build_vgg16_classifier(n_classes: int, input_size: int = 96, weights: str | Path | None = None,
                            base: keras.Model | None = None, head: keras.Model | None = None) -> keras.Model:
     """VGG16 base + :func:`build_transfer_head` as one model on ``caffe``-scaled images: report 004's network.
@@ -171,26 +158,238 @@ def build_vgg16_classifier(n_classes: int, input_size: int = 96, weights: str | 
     return keras.Model(inputs, head(base(inputs)), name="vgg16_transfer")
 
 
+
 # --------------------------------------------------------------------------------------------------------
-# Experiments on cached features
+# The source: unlabelled DSB nuclei, and SimCLR on them
 # --------------------------------------------------------------------------------------------------------
+
+#: Pixels of surroundings kept around each nucleus's bounding box (a PBC cell, too, sits in some background).
+SOURCE_MARGIN = 6
+#: SimCLR's views here: a random square of 60-100 % of the side, resized back; one of the 8 symmetries of the
+#: square; intensities inverted with probability 1/2 (bright-on-dark nuclei and dark-on-light cells then look
+#: alike to the encoder); a random gain in [0.6, 1.4] and offset in [-0.15, 0.15] per channel (colour from grey).
+VIEW_MIN_SIDE = 0.6
+VIEW_INVERT = 0.5
+VIEW_GAIN = (0.6, 1.4)
+VIEW_OFFSET = 0.15
+#: Units of SimCLR's projection head (two dense layers on the encoder's pooled features), and its temperature.
+PROJECTION_UNITS = (128, 64)
+TEMPERATURE = 0.2
+
+
+def cellnet_preprocessing() -> str:
+    """How ``cellnet`` scales its uint8 inputs (its registered preprocessing, ``pm1``)."""
+    return classifiers.spec("cellnet").preprocessing
+
+
+def nucleus_crops(dsb: SegmentationSet, size: int, max_crops: int | None = None, margin: int = SOURCE_MARGIN,
+                  seed: int = DEFAULT_SEED) -> ImageSet:
+    """Unlabelled source images: every DSB nucleus with ``margin`` px of its surroundings (neighbours kept), padded
+    to a square and resized to ``size`` x ``size`` by :func:`cellkit.segmentation.crops_from_dataset` (report 004's
+    size and dark-crop rules), as uint8 grey copied to 3 channels (n, size, size, 3). At most ``max_crops``, drawn
+    with ``seed``. One class, ``nucleus`` (no label is used); ``files`` name image and object: ``<id>#<label>``."""
+    crops = segmentation.crops_from_dataset(dsb.images, dsb.labels, size, margin=margin, mask_outside=False)
+    if len(crops.ids) == 0:
+        raise DataError("no nucleus crops: the DSB images hold no objects")
+    keep = np.arange(len(crops.ids))
+    if max_crops is not None and max_crops < len(keep):
+        keep = np.sort(np.random.default_rng(seed).choice(keep, max_crops, replace=False))
+    images = np.round(crops.crops[keep] * 255).astype(np.uint8)
+    files = [f"{dsb.ids[crops.image_index[i]]}#{crops.ids[i]}" for i in keep]
+    return ImageSet(images, np.zeros(len(keep), np.int64), ["nucleus"], files=files,
+                    source=f"{dsb.source or 'dsb2018'} nucleus crops")
+
+
+def contrastive_views(images: np.ndarray, rng: np.random.Generator, min_side: float = VIEW_MIN_SIDE,
+                      invert: float = VIEW_INVERT, gain: tuple[float, float] = VIEW_GAIN,
+                      offset: float = VIEW_OFFSET) -> np.ndarray:
+    """One random view of each uint8 image (n, s, s, 3) for SimCLR (:data:`VIEW_MIN_SIDE` and the constants after
+    it): crop and resize, a symmetry of the square, inversion, per-channel gain and offset. uint8 (n, s, s, 3)."""
+    n, size = len(images), images.shape[1]
+    out = np.empty_like(images)
+    for i, image in enumerate(images):
+        side = int(round(size * rng.uniform(min_side, 1.0)))
+        top, left = rng.integers(0, size - side + 1, 2)
+        out[i] = cv2.resize(image[top : top + side, left : left + side], (size, size), interpolation=cv2.INTER_LINEAR)
+    x = transforms.augment_batch(out, rng, "dihedral").astype(np.float32) / 255
+    flip = rng.random(n) < invert
+    x[flip] = 1 - x[flip]
+    x = x * rng.uniform(*gain, (n, 1, 1, 3)) + rng.uniform(-offset, offset, (n, 1, 1, 3))
+    return np.clip(np.round(x * 255), 0, 255).astype(np.uint8)
+
+
+def nt_xent(z1: Any, z2: Any, temperature: float = TEMPERATURE) -> Any:
+    """SimCLR's loss (NT-Xent) for embeddings ``z1``, ``z2`` (n, d) of two views of the same n images: each of the
+    2n embeddings must pick its partner among the other 2n - 1 by cosine similarity / ``temperature``
+    (cross-entropy over them); the mean over the 2n. A scalar tensor (NumPy arrays accepted)."""
+    ops = keras.ops
+    z = ops.concatenate([ops.convert_to_tensor(z1, "float32"), ops.convert_to_tensor(z2, "float32")], axis=0)
+    z = z / ops.sqrt(ops.sum(z * z, axis=1, keepdims=True) + 1e-12)
+    n2 = ops.shape(z)[0]
+    logits = ops.matmul(z, ops.transpose(z)) / temperature - 1e9 * ops.eye(n2)
+    n = n2 // 2
+    partner = ops.concatenate([ops.arange(n, n2), ops.arange(0, n)], axis=0)
+    return ops.mean(keras.losses.sparse_categorical_crossentropy(partner, logits, from_logits=True))
+
+
+def encoder_of(model: Any) -> Any:
+    """The encoder of a ``cellnet`` (:func:`cellkit.classifiers.build_cellnet`): its layers up to the global
+    average pooling, images -> features (n, last width). Shares the model's layers."""
+    return keras.Model(model.input, model.get_layer("gap").output, name=f"{model.name}_encoder")
+
+
+def with_encoder_weights(model: Any, source: Any) -> Any:
+    """``model`` (a ``cellnet``) with the weights of ``source``'s encoder (another ``cellnet`` of the same widths,
+    e.g. :attr:`Pretrained.model`) copied layer by layer (same names); its dropout and softmax stay as they were."""
+    for layer in encoder_of(source).layers:
+        if layer.weights:
+            model.get_layer(layer.name).set_weights(layer.get_weights())
+    return model
+
+
+@dataclass
+class Pretrained:
+    """A ``cellnet`` whose encoder :func:`pretrain_contrastive` trained (its softmax layer is untrained, unused),
+    the mean NT-Xent loss of each epoch, wall time (s), the process's peak memory (MiB) and the images seen."""
+
+    model: Any
+    losses: list[float]
+    seconds: float
+    peak_mb: float
+    n_images: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"losses": [round(v, 4) for v in self.losses], "epochs": len(self.losses),
+                "seconds": round(self.seconds, 1), "peak_mb": round(self.peak_mb, 1), "n_images": self.n_images}
+
+
+def pretrain_contrastive(images: np.ndarray, widths: Sequence[int] = classifiers.CELLNET_WIDTHS, epochs: int = 10,
+                         batch_size: int = 128, learning_rate: float = 1e-3, temperature: float = TEMPERATURE,
+                         max_seconds: float | None = None, seed: int = DEFAULT_SEED, progress: str = "epoch"
+                         ) -> Pretrained:
+    """SimCLR without labels: a ``cellnet`` encoder (``widths``) and a projection head (:data:`PROJECTION_UNITS`)
+    learn to match two :func:`contrastive_views` of each uint8 image (n, s, s, 3) under :func:`nt_xent`, Adam at
+    ``learning_rate``, ``batch_size`` images (2 x as many views) per step, the last partial batch dropped. The
+    encoder then reads images of the same size s. No new epoch starts after ``max_seconds``. ``progress``:
+    ``epoch`` (a line per epoch) or ``none``."""
+    import tensorflow as tf
+
+    size, batch = images.shape[1], min(batch_size, len(images))
+    if batch < 2:
+        raise ValueError(f"SimCLR needs at least 2 images per batch, got {len(images)} images")
+    keras.utils.set_random_seed(seed)
+    model = classifiers.build_cellnet((size, size, 3), 2, widths)
+    encoder = encoder_of(model)
+    layers = keras.layers
+    head = keras.Sequential([keras.Input((encoder.output_shape[-1],)),
+                             layers.Dense(PROJECTION_UNITS[0], activation="relu"), layers.Dense(PROJECTION_UNITS[1])],
+                            name="projection")
+    variables = encoder.trainable_variables + head.trainable_variables
+    optimizer = keras.optimizers.Adam(learning_rate)
+    optimizer.build(variables)
+
+    @tf.function
+    def step(a: Any, b: Any) -> Any:
+        with tf.GradientTape() as tape:
+            z1, z2 = tf.split(head(encoder(tf.concat([a, b], 0), training=True), training=True), 2)
+            loss = nt_xent(z1, z2, temperature)
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+        return loss
+
+    rng, scale, steps, losses = np.random.default_rng(seed), cellnet_preprocessing(), len(images) // batch, []
+    with MemorySampler() as memory:
+        started = time.perf_counter()
+        for epoch in range(epochs):
+            order = rng.permutation(len(images))
+            step_losses = [float(step(*(classifiers.preprocess(contrastive_views(images[index], rng), scale)
+                                        for _ in range(2))))
+                           for index in (order[k * batch : (k + 1) * batch] for k in range(steps))]
+            losses.append(float(np.mean(step_losses)))
+            elapsed = time.perf_counter() - started
+            if progress != "none":
+                print(f"SimCLR epoch {epoch + 1}/{epochs}: NT-Xent loss {losses[-1]:.4f} ({elapsed:.0f} s)", flush=True)
+            if max_seconds is not None and elapsed >= max_seconds:
+                break
+    return Pretrained(model, losses, time.perf_counter() - started, memory.peak_mb, len(images))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Using a source on the target: frozen features, fine-tuning, training from scratch
+# --------------------------------------------------------------------------------------------------------
+
+#: Inverse regularisation strengths tried by :func:`linear_probe`; one is chosen on the validation split.
+PROBE_C = (0.01, 0.1, 1.0, 10.0)
+
+
+def embed(model: Any, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """Features (n, last width) of uint8 images (n, s, s, 3) from the frozen encoder of ``cellnet`` ``model``."""
+    return outputs_of(encoder_of(model), images, cellnet_preprocessing(), batch_size)
+
+
+def vgg16_features(images: np.ndarray, weights: str | Path | None) -> np.ndarray:
+    """Globally average-pooled outputs (n, 512) of a VGG16 base with ``weights`` (as :func:`vgg16_weights`) for
+    uint8 images (n, s, s, 3), s >= 32, scaled with ``caffe`` as the ImageNet weights expect."""
+    base = build_vgg16_base(images.shape[1], weights)
+    pooled = keras.Sequential([keras.Input(base.input_shape[1:]), base, keras.layers.GlobalAveragePooling2D()])
+    return outputs_of(pooled, images, "caffe")
+
+
+@dataclass
+class Probe:
+    """A linear probe: standardised features, then a logistic regression with inverse regularisation ``c``
+    (chosen on the validation split: ``val_accuracy`` maps each C tried to its validation accuracy)."""
+
+    model: Any
+    c: float
+    val_accuracy: dict[float, float]
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        return self.model.predict_proba(features)
+
+
+def linear_probe(x: np.ndarray, y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, cs: Sequence[float] = PROBE_C,
+                 class_weight: str | None = None) -> Probe:
+    """A logistic regression on frozen features ``x`` (n, d) with class indices ``y``, one per C in ``cs``; the
+    one with the highest validation accuracy (ties: the smaller C, the stronger regularisation) is returned.
+    ``class_weight``: None or ``balanced``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    fitted, scores = {}, {}
+    for c in cs:
+        fitted[c] = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, class_weight=class_weight))
+        fitted[c].fit(x, y)
+        scores[c] = float(np.mean(fitted[c].predict(val_x) == np.asarray(val_y)))
+    best = max(cs, key=lambda c: (scores[c], -c))
+    return Probe(fitted[best], best, scores)
+
 
 #: How a classifier meets class imbalance: report 004 augmented the under-represented classes only, after the
 #: split, and weighted the classes in its multi-label models.
 IMBALANCE_VARIANTS = ("none", "class_weights", "augment", "augment+class_weights")
 
 
-def imbalanced_subset(data: ImageSet, shares: Sequence[float], largest: int, seed: int = DEFAULT_SEED) -> ImageSet:
-    """A subset whose class counts follow ``shares`` (one per class, any scale): the class with the largest
-    share keeps ``largest`` images, class c about ``largest * shares[c] / max(shares)`` (at least 1), drawn
-    with ``seed``. Used to give a balanced set a realistic imbalance (e.g. PBC-28's class frequencies)."""
+def imbalanced_indices(labels: np.ndarray, shares: Sequence[float], largest: int, seed: int = DEFAULT_SEED
+                       ) -> np.ndarray:
+    """Sorted positions of a subset of ``labels`` whose class counts follow ``shares`` (one per class, any scale):
+    the class with the largest share keeps ``largest``, class c about ``largest * shares[c] / max(shares)`` (at
+    least 1; all its members if it has fewer), drawn with ``seed``."""
     shares = np.asarray(shares, dtype=float)
-    if len(shares) != len(data.class_names) or shares.min() <= 0:
-        raise ValueError(f"need one positive share per class ({len(data.class_names)}), got {shares.tolist()}")
+    if shares.ndim != 1 or len(shares) == 0 or shares.min() <= 0:
+        raise ValueError(f"need one positive share per class, got {shares.tolist()}")
     wanted = np.maximum(1, np.round(largest * shares / shares.max())).astype(int)
     rng = np.random.default_rng(seed)
-    keep = [rng.permutation(np.flatnonzero(data.labels == c))[:n] for c, n in enumerate(wanted)]
-    return data.subset(np.sort(np.concatenate(keep)))
+    keep = [rng.permutation(np.flatnonzero(np.asarray(labels) == c))[:n] for c, n in enumerate(wanted)]
+    return np.sort(np.concatenate(keep))
+
+
+def imbalanced_subset(data: ImageSet, shares: Sequence[float], largest: int, seed: int = DEFAULT_SEED) -> ImageSet:
+    """:func:`imbalanced_indices` of an ImageSet (``shares``: one per class). Used to give a balanced set a
+    realistic imbalance (e.g. PBC-28's class frequencies)."""
+    if len(shares) != len(data.class_names):
+        raise ValueError(f"need one share per class ({len(data.class_names)}), got {len(shares)}")
+    return data.subset(imbalanced_indices(data.labels, shares, largest, seed))
 
 
 def minority_copies(images: np.ndarray, labels: np.ndarray, n_classes: int, rng: np.random.Generator
@@ -206,175 +405,99 @@ def minority_copies(images: np.ndarray, labels: np.ndarray, n_classes: int, rng:
     return transforms.augment_batch(images[index], rng, "dihedral"), labels[index]
 
 
-@dataclass
-class TargetCache:
-    """The frozen part's outputs for the target images, computed once (:func:`cache_target`).
-
-    ``lower[part]``: outputs of VGG16 blocks 1-4 (n, s/16, s/16, 512); ``top[part]``: of the frozen block 5 on
-    top (n, s/32, s/32, 512); parts ``train``, ``extra`` (the :func:`minority_copies` of the training images, kept
-    in ``extra_images``), ``val``, ``test``. ``seconds`` and ``peak_mb``: wall time and the process's peak memory
-    of computing them all.
-    """
-
-    lower: dict[str, np.ndarray]
-    top: dict[str, np.ndarray]
-    labels: dict[str, np.ndarray]
-    seconds: float
-    peak_mb: float
-    extra_images: np.ndarray | None = None
-
-    def arrays(self, variant: str, n_classes: int, what: str = "top") -> tuple[np.ndarray, np.ndarray, Any]:
-        """(x, labels, sample weights or None) of the training part for imbalance ``variant``."""
-        if variant not in IMBALANCE_VARIANTS:
-            raise ValueError(f"unknown imbalance variant {variant!r}; use {', '.join(IMBALANCE_VARIANTS)}")
-        source = self.lower if what == "lower" else self.top
-        x, y = source["train"], self.labels["train"]
-        if variant.startswith("augment"):
-            x, y = np.concatenate([x, source["extra"]]), np.concatenate([y, self.labels["extra"]])
-        weights = balanced_weights(y, n_classes) if variant.endswith("class_weights") else None
-        return x, y, weights
+def label_fraction(labels: np.ndarray, fraction: float, n_classes: int, seed: int = DEFAULT_SEED) -> np.ndarray:
+    """Sorted positions of a stratified ``fraction`` (0 < fraction <= 1) of ``labels``: of each class, the first
+    ceil(fraction * n_c) (at least 1) in one random order fixed by ``seed``, so that a smaller fraction's subset
+    lies inside every larger one's (the label curve adds labels, it does not redraw them)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in range(n_classes):
+        members = rng.permutation(np.flatnonzero(np.asarray(labels) == c))
+        keep.append(members[: max(1, math.ceil(fraction * len(members)))] if len(members) else members)
+    return np.sort(np.concatenate(keep))
 
 
-def cache_target(base: Any, train: ImageSet, val: ImageSet, test: ImageSet, seed: int = DEFAULT_SEED,
-                 cut: str = VGG16_CUT, batch_size: int = 32) -> TargetCache:
-    """Run the frozen VGG16 ``base`` once over the target's training images, their :func:`minority_copies`,
-    and the validation and test images (uint8, the base's input size), keeping the outputs at ``cut`` and at
-    the top. Timed, with the peak memory of the process."""
-    lower, upper = split_vgg16(base, cut)
-    extra, extra_labels = minority_copies(train.images, train.labels, len(train.class_names),
-                                          np.random.default_rng(seed))
-    parts = {"train": train.images, "extra": extra, "val": val.images, "test": test.images}
-    with MemorySampler() as memory:
-        started = time.perf_counter()
-        low = {k: outputs_of(lower, v, "caffe", batch_size) for k, v in parts.items()}
-        top = {k: outputs_of(upper, v, None, batch_size) for k, v in low.items()}
-        seconds = time.perf_counter() - started
-    labels = {"train": train.labels, "extra": extra_labels, "val": val.labels, "test": test.labels}
-    return TargetCache(low, top, labels, seconds, memory.peak_mb, extra)
+def epochs_for_fraction(epochs: int, fraction: float) -> int:
+    """Epochs for a run on ``fraction`` of the labels: ceil(epochs / sqrt(fraction)). A small set gets more epochs,
+    so it is not judged after a handful of steps, but fewer than the 1 / fraction that would equalise the steps
+    (which would make each small run cost as much as the full one)."""
+    if not 0 < fraction <= 1 or epochs < 1:
+        raise ValueError(f"need epochs >= 1 and 0 < fraction <= 1, got {epochs}, {fraction}")
+    return math.ceil(epochs / math.sqrt(fraction) - 1e-9)
 
 
 @dataclass
 class ClassifierRun:
-    """One trained VGG16 classifier of the transfer study: its phases' fits and times, and its scores.
-
-    ``model`` maps what it was trained on (cached block-4 outputs for a transfer run, images for a scratch
-    run) to class probabilities; ``top`` (transfer runs) is its block 5, fine-tuned or not, which maps block-4
-    outputs to the features the head reads; ``seconds`` holds the wall time of each phase on the target task.
-    """
+    """One trained classifier of the study: its fits and their wall time (s), its validation and test reports
+    (:func:`cellkit.metrics.proba_report`) and its test probabilities (n_test, n_classes)."""
 
     name: str
     model: Any
     fits: dict[str, FitResult]
-    seconds: dict[str, float]
     val_report: dict[str, Any]
     test_report: dict[str, Any]
     test_proba: np.ndarray
-    top: Any = None
 
     @property
-    def target_seconds(self) -> float:
-        """Wall time spent on the target task (caching included for transfer runs)."""
-        return float(sum(self.seconds.values()))
+    def seconds(self) -> float:
+        """Wall time spent training on the target task."""
+        return float(sum(fit.seconds for fit in self.fits.values()))
 
     def summary(self) -> dict[str, Any]:
         return {
             "run": self.name, "val_accuracy": self.val_report["accuracy"],
             "test_accuracy": self.test_report["accuracy"], "test_macro_f1": self.test_report["macro_f1"],
-            "test_auc_ovr": self.test_report.get("auc_ovr"),
-            "epochs": {phase: fit.epochs_run for phase, fit in self.fits.items()},
-            "seconds": {phase: round(s, 1) for phase, s in self.seconds.items()},
-            "target_seconds": round(self.target_seconds, 1),
+            "epochs": {phase: fit.epochs_run for phase, fit in self.fits.items()}, "seconds": round(self.seconds, 1),
             "peak_rss_mb": round(max(fit.peak_rss_mb for fit in self.fits.values()), 1),
         }
 
 
-def _val_test_reports(model: Any, x_val: np.ndarray, y_val: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-            class_names: Sequence[str], preprocessing: str | None) -> tuple[dict, dict, np.ndarray]:
-    reports = []
-    for x, y in ((x_val, y_val), (x_test, y_test)):
-        proba = outputs_of(model, x, preprocessing)
-        reports.append((metrics.proba_report(y, proba, class_names), proba))
-    return reports[0][0], reports[1][0], reports[1][1]
+def _reports(model: Any, val: ImageSet, test: ImageSet, preprocessing: str) -> tuple[dict, dict, np.ndarray]:
+    """(validation report, test report, test probabilities) of ``model`` on uint8 images."""
+    val_report = metrics.proba_report(val.labels, outputs_of(model, val.images, preprocessing), val.class_names)
+    proba = outputs_of(model, test.images, preprocessing)
+    return val_report, metrics.proba_report(test.labels, proba, test.class_names), proba
 
 
-def transfer_run(base: Any, cache: TargetCache, class_names: Sequence[str], variant: str = "none",
-                 head_epochs: int = 40, head_lr: float = 1e-3, finetune_epochs: int = 10, finetune_lr: float = 1e-5,
-                 batch_size: int = 32, patience: int = 8, seed: int = DEFAULT_SEED, progress: str = "none",
-                 name: str = "transfer", cut: str = VGG16_CUT) -> ClassifierRun:
-    """Report 004's transfer on cached outputs of ``base``: phase 1 trains the head on the frozen base's top
-    outputs; phase 2 (``finetune_epochs`` > 0) trains block 5 and the head together at the low ``finetune_lr``
-    on the cached block-4 outputs. ``base`` itself is left unchanged (block 5 is fine-tuned in a copy).
-
-    The returned ``model`` maps block-4 outputs to probabilities; ``seconds`` holds ``cache`` (the share of
-    computing the cache for the images used), ``head`` and ``finetune``.
-    """
-    n, name = len(class_names), scope_name(name, "transfer")
-    x, y, weights = cache.arrays(variant, n, "top")
-    head = build_transfer_head(x.shape[1:], n)
-    fits = {"head": fit_arrays(head, x, y, cache.top["val"], cache.labels["val"], head_epochs, head_lr, batch_size,
-                               patience, weights, seed, progress, f"{name} head")}
-    _, upper_frozen = split_vgg16(base, cut)
-    upper = keras.models.clone_model(upper_frozen)
-    upper.set_weights(upper_frozen.get_weights())
-    inputs = keras.Input(tuple(cache.lower["train"].shape[1:]))
-    model = keras.Model(inputs, head(upper(inputs)), name=name)
-    if finetune_epochs:
-        xl, yl, wl = cache.arrays(variant, n, "lower")
-        fits["finetune"] = fit_arrays(model, xl, yl, cache.lower["val"], cache.labels["val"], finetune_epochs,
-                                      finetune_lr, batch_size, patience, wl, seed, progress, f"{name} fine-tune")
-    used = len(x) + len(cache.labels["val"])
-    total = sum(len(v) for k, v in cache.labels.items() if k != "test")
-    seconds = {"cache": cache.seconds * used / max(total, 1), **{k: f.seconds for k, f in fits.items()}}
-    val_report, test_report, proba = _val_test_reports(model, cache.lower["val"], cache.labels["val"],
-                                                       cache.lower["test"], cache.labels["test"], class_names, None)
-    return ClassifierRun(name, model, fits, seconds, val_report, test_report, proba, upper)
-
-
-def scratch_run(train: ImageSet, val: ImageSet, test: ImageSet, variant: str = "none", epochs: int = 10,
-                learning_rate: float = 1e-4, batch_size: int = 32, max_seconds: float | None = None,
-                extra: tuple[np.ndarray, np.ndarray] | None = None, seed: int = DEFAULT_SEED,
-                progress: str = "epoch", name: str = "scratch") -> ClassifierRun:
-    """The same network (VGG16 + report 004's head) trained from random weights on the target images (uint8 at
-    the input size), with the imbalance ``variant`` (``extra``: the :func:`minority_copies` to add for the
-    ``augment`` variants), Adam at ``learning_rate``; ``max_seconds`` caps the wall time (an equal budget)."""
-    n, name = len(train.class_names), scope_name(name, "scratch")
-    x, y = train.images, train.labels
-    if variant.startswith("augment") and extra is not None:
-        x, y = np.concatenate([x, extra[0]]), np.concatenate([y, extra[1]])
+def cnn_run(train: ImageSet, val: ImageSet, test: ImageSet, epochs: int = 20,
+            widths: Sequence[int] = classifiers.CELLNET_WIDTHS, source: Any = None, variant: str = "none",
+            seed: int = DEFAULT_SEED, progress: str = "none", name: str = "cellnet") -> ClassifierRun:
+    """``cellnet`` (notebook 04's small CNN, ``widths``) trained on the target images (uint8, any size >= 8) with
+    its recipe (:data:`cellkit.classifiers.CELLNET_FIT`, at most ``epochs``, early stopping on validation
+    accuracy). ``source``: a ``cellnet`` whose encoder weights it starts from (fine-tuning; None: random weights,
+    from scratch). ``variant`` (:data:`IMBALANCE_VARIANTS`): ``class_weights`` weighs each class equally in the
+    loss; ``augment`` adds :func:`minority_copies` of the training images (drawn with ``seed``)."""
+    if variant not in IMBALANCE_VARIANTS:
+        raise ValueError(f"unknown imbalance variant {variant!r}; use {', '.join(IMBALANCE_VARIANTS)}")
+    n, x, y = len(train.class_names), train.images, train.labels
+    if variant.startswith("augment"):
+        extra, extra_labels = minority_copies(x, y, n, np.random.default_rng(seed))
+        x, y = np.concatenate([x, extra]), np.concatenate([y, extra_labels])
     keras.utils.set_random_seed(seed)
-    model = build_vgg16_classifier(n, x.shape[1], weights=None)
-    config = FitConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, patience=epochs,
-                       class_weight="balanced" if variant.endswith("class_weights") else None)
-    result = fit(model, x, y, val.images, val.labels, config, "caffe", seed, progress, name, max_seconds)
-    val_report, test_report, proba = _val_test_reports(model, val.images, val.labels, test.images, test.labels,
-                                                       train.class_names, "caffe")
-    return ClassifierRun(name, model, {"scratch": result}, {"scratch": result.seconds}, val_report, test_report,
-                         proba)
+    model = classifiers.build_cellnet(x.shape[1:], n, widths)
+    if source is not None:
+        with_encoder_weights(model, source)
+    config = FitConfig.for_model("cellnet", epochs=epochs,
+                                 class_weight="balanced" if variant.endswith("class_weights") else None)
+    result = fit(model, x, y, val.images, val.labels, config, cellnet_preprocessing(), seed, progress,
+                 scope_name(name, "cellnet"))
+    return ClassifierRun(name, model, {"train": result}, *_reports(model, val, test, cellnet_preprocessing()))
 
 
-def pretrain_source(source: ImageSet, source_val: ImageSet, size: int = 32, epochs: int = 3,
-                    learning_rate: float = 1e-4, batch_size: int = 64, max_seconds: float | None = None,
-                    seed: int = DEFAULT_SEED, progress: str = "epoch") -> tuple[Any, FitResult, dict[str, Any]]:
-    """Pretrain a VGG16 base offline on a source task: classify ``source`` (resized to ``size``, no crop) with
-    the report's head, random initialisation, Adam, dihedral augmentation. Returns (the trained base, its fit,
-    the source validation report). Its weights fit any input size (the base is fully convolutional)."""
-    x, xv = at_size(source.images, size, None), at_size(source_val.images, size, None)
+def scratch_run(train: ImageSet, val: ImageSet, test: ImageSet, epochs: int = 10, learning_rate: float = 1e-4,
+                batch_size: int = 32, max_seconds: float | None = None, seed: int = DEFAULT_SEED,
+                progress: str = "epoch", name: str = "vgg16 scratch") -> ClassifierRun:
+    """VGG16 + report 004's head (:func:`build_vgg16_classifier`) from random weights, trained end to end on the
+    target images (uint8, side >= 32) with Adam at ``learning_rate``; no new epoch starts after ``max_seconds``
+    (an equal time budget; at least one epoch runs)."""
     keras.utils.set_random_seed(seed)
-    model = build_vgg16_classifier(len(source.class_names), size, weights=None)
-    config = FitConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, patience=epochs,
-                       augment="dihedral")
-    result = fit(model, x, source.labels, xv, source_val.labels, config, "caffe", seed, progress, "source",
-                 max_seconds)
-    proba = outputs_of(model, xv, "caffe")
-    report = metrics.proba_report(source_val.labels, proba, source.class_names)
-    return model.get_layer("vgg16"), result, report
-
-
-def base_with_weights(input_size: int, weights_from: Any) -> Any:
-    """A VGG16 base for ``input_size`` holding the weights of another VGG16 base (of any input size)."""
-    base = build_vgg16_base(input_size, None)
-    base.set_weights(weights_from.get_weights())
-    return base
+    model = build_vgg16_classifier(len(train.class_names), train.images.shape[1], weights=None)
+    config = FitConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, patience=epochs)
+    result = fit(model, train.images, train.labels, val.images, val.labels, config, "caffe", seed, progress,
+                 scope_name(name, "scratch"), max_seconds)
+    return ClassifierRun(name, model, {"train": result}, *_reports(model, val, test, "caffe"))
 
 
 # --- multi-label heads ------------------------------------------------------------------------------------

@@ -215,14 +215,28 @@ def test_atypical_nuclei_are_area_or_brightness_outliers_of_their_image():
     assert clustering.atypical_nuclei(table).tolist() == [False] * 4 + [True, True] + [False] * 4
 
 
-def test_morphology_matrix_uses_the_log_of_the_relative_area_and_drops_constant_columns():
+def test_morphology_matrix_leaves_out_size_and_brightness_unless_asked():
     table = pd.DataFrame({"relative_area": [0.5, 1.0, 2.0], "relative_intensity": [1.0, 1.2, 0.8],
-                          "circularity": 0.875, "eccentricity": 0.25, "solidity": 0.9375, "extent": 0.75,
+                          "circularity": 0.875, "eccentricity": [0.25, 0.5, 0.3], "solidity": 0.9375, "extent": 0.75,
                           "intensity_cv": [0.1, 0.2, 0.3], "area_px": [50, 100, 200]})
     X = clustering.morphology_matrix(table)
-    assert X.shape == (3, 3)  # log relative area, relative intensity, intensity cv; the constant four dropped
-    np.testing.assert_allclose(X[:, 0], [-np.sqrt(1.5), 0.0, np.sqrt(1.5)])  # log(0.5), 0, log(2): symmetric
+    assert X.shape == (3, 2)  # eccentricity and intensity cv; the constant three dropped; no size, no brightness
     np.testing.assert_allclose(X.mean(axis=0), 0.0, atol=1e-12)
+    X = clustering.morphology_matrix(table, ("relative_area", "relative_intensity"))
+    np.testing.assert_allclose(X[:, 0], [-np.sqrt(1.5), 0.0, np.sqrt(1.5)])  # log(0.5), 0, log(2): symmetric
+    with pytest.raises(DataError, match="area_px"):
+        clustering.morphology_matrix(table, ("area_px",))
+
+
+def test_flag_enrichment_compares_shares_and_resamples_units():
+    flags = np.array([1, 1, 0, 0, 1, 0, 0, 0] * 10, bool)
+    inside = np.array([1, 1, 1, 1, 0, 0, 0, 0] * 10, bool)
+    units = np.repeat(np.arange(10), 8)
+    interval = clustering.flag_enrichment(flags, inside, units, n_resamples=200)
+    assert interval.estimate == pytest.approx(0.5 - 0.25) and interval.n_units == 10
+    assert interval.low == interval.high == pytest.approx(0.25)  # every image alike: no spread
+    flags[:8] = [0, 0, 0, 0, 1, 1, 1, 1]  # image 0 differs
+    assert clustering.flag_enrichment(flags, inside, units, n_resamples=200).low < 0.25
 
 
 def test_nuclei_to_cluster_on_simulated_nuclei():
@@ -262,3 +276,72 @@ def test_cost_slopes_fit_each_method_and_measure_at_the_large_end():
     assert slopes["exact: seconds"] == pytest.approx(2.0)  # n = 100's fixed cost lies below the large end (>= 200)
     assert slopes["nystroem: peak_mb"] == pytest.approx(1.0)
     assert np.isnan(clustering.cost_slopes(cost[cost["n"] == 1600])["exact: seconds"])
+
+
+# --- sub-types: choices without labels, scores with intervals ----------------------------------------------
+
+
+def test_select_by_silhouette_finds_the_blobs_without_labels(blobs):
+    X, y = blobs
+    table, chosen, labels = clustering.select_by_silhouette(X, ("kmeans++", "agglomerative"), [2, 3, 4, 6, 300])
+    assert list(table.index.names) == ["method", "k"] and len(table) == 8  # k = 300 > n - 1 is skipped
+    assert chosen[1] == 4 and clustering.agreement(y, labels)["ari"] == pytest.approx(1.0)
+    with pytest.raises(DataError, match="no k in"):
+        clustering.select_by_silhouette(X[:3], ("kmeans++",), [3, 4])
+
+
+def test_agreement_interval_matches_scikit_learn_and_averages_groups():
+    rng = np.random.default_rng(0)
+    truth, labels = rng.integers(0, 3, 300), rng.integers(0, 4, 300)
+    labels[:150] = truth[:150]  # half the cells agree
+    expected = clustering.agreement(truth, labels)
+    for score in ("ari", "nmi"):
+        interval = clustering.agreement_interval(truth, labels, score, n_resamples=200)
+        assert interval.estimate == pytest.approx(expected[score], abs=1e-12)
+        assert interval.low < interval.estimate < interval.high and interval.n_units == 300
+    groups = np.repeat(["ig", "neutrophil"], 150)
+    per_group = [clustering.agreement(truth[groups == g], labels[groups == g])["ari"] for g in ("ig", "neutrophil")]
+    pooled = clustering.agreement_interval(truth, labels, "ari", groups=groups, n_resamples=200)
+    assert pooled.estimate == pytest.approx(np.mean(per_group), abs=1e-12)  # 1.0 and about 0
+
+
+def test_fast_scores_agree_with_scikit_learn_on_edge_cases():
+    for truth, labels in (([0, 0, 1, 1], [0, 0, 0, 0]), ([0, 0, 0, 0], [0, 1, 2, 3]), ([0, 1, 2, 3], [3, 2, 1, 0]),
+                          ([0, 0, 0, 0], [1, 1, 1, 1]), ([0, 5, 5, 0, 2], [2, 2, 7, 7, 0])):
+        expected = clustering.agreement(truth, labels)
+        for score in ("ari", "nmi"):
+            got = clustering.agreement_interval(truth, labels, score, n_resamples=20).estimate
+            assert got == pytest.approx(expected[score], abs=1e-12), (truth, labels, score)
+
+
+def test_agreement_difference_is_paired_and_zero_for_the_same_clustering():
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 2, 200)
+    noise = rng.integers(0, 2, 200)
+    same = clustering.agreement_difference(truth, truth, truth, "nmi", n_resamples=100)
+    assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0)
+    better = clustering.agreement_difference(truth, truth, noise, "ari", n_resamples=200)
+    assert better.low > 0.8 and better.verdict() == "the first is better"
+    with pytest.raises(DataError, match="unknown score"):
+        clustering.agreement_difference(truth, truth, noise, "purity")
+    with pytest.raises(DataError, match="same n"):
+        clustering.agreement_interval(truth, truth[:10])
+
+
+def test_subtype_scores_choose_without_labels_and_report_intervals(blobs):
+    X, y = blobs
+    size = np.where(np.isin(y, (0, 1)), 1.0, 2.0)[:, None] + np.random.default_rng(0).normal(0, 0.01, (240, 1))
+    table, labels, selections = clustering.subtype_scores({"blobs": X, "size": size}, y, ("kmeans++",), [2, 3, 4],
+                                                         n_resamples=100)
+    assert table.loc["blobs", "k"] == 4 and table.loc["blobs", "ari"] == pytest.approx(1.0)
+    assert table.loc["size", "k"] == 2  # two sizes: two clusters, each holding two blobs
+    assert table.loc["size", "ari_low"] <= table.loc["size", "ari"] <= table.loc["size", "ari_high"] < 1
+    assert table.loc["size", "ari_at_true_k"] < 1 and set(labels) == set(selections) == {"blobs", "size"}
+
+
+def test_linear_probe_predictions_are_out_of_fold(blobs):
+    X, y = blobs
+    predicted = clustering.linear_probe_predictions(X, y, folds=3)
+    assert predicted.shape == y.shape and (predicted == y).mean() == pytest.approx(1.0)
+    noise = np.random.default_rng(0).normal(size=(240, 5))  # nothing to learn: near chance out of fold
+    assert (clustering.linear_probe_predictions(noise, y, folds=3) == y).mean() < 0.45

@@ -307,3 +307,117 @@ def test_an_image_beyond_the_pixel_limit_is_refused_before_it_is_decoded(tmp_pat
     monkeypatch.setattr(datasets.loaders, "MAX_IMAGE_PIXELS", 1000)  # the same limit applies to TIFFs
     with pytest.raises(DataError, match="megapixels"):
         datasets.read_image(tmp_path / "wide.tif")
+
+
+# --- pixel-identical duplicates and disjoint sets ----------------------------------------------------------
+
+
+def _set(images, files, labels=None) -> datasets.ImageSet:
+    images = np.asarray(images, dtype=np.uint8)
+    labels = np.zeros(len(images), np.int64) if labels is None else np.asarray(labels)
+    return datasets.ImageSet(images, labels, ["a", "b"], list(files), "test")
+
+
+def _image(value, shape=(4, 4, 3)) -> np.ndarray:
+    return np.full(shape, value, np.uint8)
+
+
+def test_pixel_hash_is_equal_only_for_equal_pixels_shape_and_dtype():
+    image = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    assert datasets.pixel_hash(image) == datasets.pixel_hash(image.copy())
+    assert datasets.pixel_hash(image) != datasets.pixel_hash(image[..., ::-1])
+    assert datasets.pixel_hash(image) != datasets.pixel_hash(image.reshape(4, 12))  # same bytes, other shape
+    assert datasets.pixel_hash(image) != datasets.pixel_hash(image.astype(np.uint16))
+
+
+def test_drop_duplicates_keeps_the_first_copy_of_each_group():
+    data = _set([_image(1), _image(2), _image(1), _image(3), _image(2), _image(1)], [f"f{i}.jpg" for i in range(6)])
+    assert datasets.duplicate_groups(data.images) == [[0, 2, 5], [1, 4]]
+    kept, groups = datasets.drop_duplicates(data)
+    assert groups == [[0, 2, 5], [1, 4]]
+    assert kept.files == ["f0.jpg", "f1.jpg", "f3.jpg"] and len(kept.images) == 3
+    unique = _set([_image(1), _image(2)], ["x.jpg", "y.jpg"])
+    kept, groups = datasets.drop_duplicates(unique)
+    assert kept is unique and groups == []
+
+
+def test_drop_duplicates_works_on_images_of_different_sizes():
+    data = datasets.SegmentationSet([_image(1, (3, 3)), _image(1, (3, 4)), _image(1, (3, 3))],
+                                    [np.zeros((3, 3), np.uint16), np.zeros((3, 4), np.uint16),
+                                     np.zeros((3, 3), np.uint16)], ["p", "q", "r"])
+    kept, groups = datasets.drop_duplicates(data)
+    assert groups == [[0, 2]] and kept.ids == ["p", "q"]
+
+
+def test_overlap_finds_shared_files_by_base_name_and_shared_pixels():
+    a = _set([_image(1), _image(2), _image(3)], ["ig/MY_1.jpg", "ig/MY_2.jpg", ""])
+    b = _set([_image(9), _image(3), _image(7), _image(8)], ["other/MY_2.jpg", "z.jpg", "", ""])
+    found = datasets.overlap(a, b)
+    assert found.files == [(1, 0, "MY_2.jpg")]  # an unknown (empty) name is never shared
+    assert found.pixels == [(2, 1)]
+    assert not found.disjoint and found.positions_in_b() == [0, 1]
+    with pytest.raises(DataError, match=r"^source and target are not disjoint: 1 shared file\(s\), 1 pixel"):
+        datasets.assert_disjoint(a, b, ("source", "target"))
+
+
+def test_assert_disjoint_passes_on_disjoint_sets_and_without_removes_the_overlap():
+    a = _set([_image(1), _image(2)], ["a.jpg", "b.jpg"])
+    b = _set([_image(2), _image(5), _image(6)], ["c.jpg", "b.jpg", "d.jpg"])
+    rest = datasets.without(b, a)
+    assert rest.files == ["d.jpg"]
+    assert datasets.assert_disjoint(a, rest).disjoint
+    assert datasets.without(a, a).files == []
+
+
+def test_pbc28_duplicates_are_found_and_three_groups_straddle_train_and_test(real_data):
+    parts = {split: datasets.load_pbc28(split) for split in ("train", "val", "test")}
+    images = np.concatenate([part.images for part in parts.values()])
+    split_of = np.concatenate([[split] * len(part) for split, part in parts.items()])
+    groups = datasets.duplicate_groups(images)
+    assert len(groups) == 16 and all(len(group) == 2 for group in groups)
+    straddle = Counter(tuple(sorted(set(split_of[group]))) for group in groups)
+    assert straddle[("test", "train")] == 3 and straddle[("train", "val")] == 4
+    shared = datasets.overlap(parts["train"], parts["test"])
+    assert len(shared.pixels) == 3 and not shared.files  # copies under other names, not the same file
+    assert datasets.assert_disjoint(parts["train"], datasets.without(parts["test"], parts["train"])).disjoint
+
+
+# --- PBC sub-types from the file names ---------------------------------------------------------------------
+
+
+def test_subtype_code_reads_the_prefix_of_the_base_name():
+    assert datasets.subtype_code("ig/MMY_123.jpg") == "MMY"
+    assert datasets.subtype_code("neutrophil\\sne_9.jpg") == "SNE"
+    assert datasets.subtype_code("ig/IG_1.jpg") == "IG"
+    assert datasets.subtype_code("nounderscore.jpg") == ""
+
+
+def test_subtype_set_keeps_the_class_cells_with_a_known_subtype():
+    files = ["ig/MY_1.jpg", "ig/IG_2.jpg", "neutrophil/BNE_3.jpg", "ig/PMY_4.jpg", "ig/MMY_5.jpg", "ig/MY_6.jpg"]
+    data = datasets.ImageSet(np.stack([_image(i) for i in range(6)]), np.array([0, 0, 1, 0, 0, 0]),
+                             ["ig", "neutrophil"], files, "test")
+    ig = datasets.subtype_set(data, "ig")
+    assert ig.class_names == ["MMY", "MY", "PMY"]
+    assert ig.files == ["ig/MY_1.jpg", "ig/PMY_4.jpg", "ig/MMY_5.jpg", "ig/MY_6.jpg"]  # IG_2: sub-type unknown
+    assert ig.labels.tolist() == [1, 2, 0, 1]
+    assert (ig.images[:, 0, 0, 0] == [0, 3, 4, 5]).all()
+    neutrophils = datasets.subtype_set(data, "neutrophil")
+    assert neutrophils.class_names == ["BNE", "SNE"] and neutrophils.labels.tolist() == [0]
+
+
+def test_subtype_set_refuses_unknown_classes_and_sets_without_file_names():
+    data = datasets.ImageSet(np.stack([_image(0), _image(1)]), np.array([0, 1]), ["ig", "basophil"])
+    with pytest.raises(DataError, match="no sub-types known for class 'basophil'"):
+        datasets.subtype_set(data, "basophil")
+    with pytest.raises(DataError, match="not in the data"):
+        datasets.subtype_set(data, "neutrophil")
+    with pytest.raises(DataError, match="has a sub-type in its file name"):
+        datasets.subtype_set(data, "ig")
+
+
+def test_pbc28_test_split_subtypes(real_data):
+    test = datasets.load_pbc28("test")
+    ig, neutrophils = datasets.subtype_set(test, "ig"), datasets.subtype_set(test, "neutrophil")
+    assert ig.class_counts() == {"MMY": 133, "MY": 209, "PMY": 87}
+    assert neutrophils.class_counts() == {"BNE": 261, "SNE": 271}
+    assert all(f.startswith("ig/") for f in ig.files)

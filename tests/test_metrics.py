@@ -411,6 +411,41 @@ def test_segmentation_intervals_pool_over_images_and_compare_pairs():
     assert metrics.segmentation_difference(half, half, gts, "f1").contains(0)
 
 
+def test_pixel_dice_interval_pools_pixels_and_compares_pairs():
+    gts = [synthetic.nuclei_field(shape=(96, 96), n_nuclei=12, seed=s).labels for s in range(8)]
+    half = [np.where(g % 2 == 0, g, 0) for g in gts]  # every other nucleus missed: about half the pixels
+    dice = metrics.pixel_dice_interval(half, gts)
+    assert dice.estimate == pytest.approx(metrics.pixel_metrics_dataset(half, gts)["dice"])
+    assert 0.4 < dice.low <= dice.estimate <= dice.high < 0.8 and dice.n_units == 8
+    assert metrics.pixel_dice_interval(gts, gts).low == 1.0
+    empty = [np.zeros_like(g) for g in gts]
+    assert metrics.pooled_pixel_dice(metrics.pixel_counts(empty, empty)) == 1.0  # nothing to find, nothing found
+    better = metrics.segmentation_difference(gts, half, gts, "pixel_dice")
+    assert better.estimate == pytest.approx(1 - dice.estimate) and better.low > 0
+    assert metrics.segmentation_difference(half, half, gts, "pixel_dice").contains(0)
+
+
+def test_agreement_intervals_and_differences_hold_their_three_scores():
+    gts = [synthetic.nuclei_field(shape=(96, 96), n_nuclei=12, seed=s).labels for s in range(6)]
+    half = [np.where(g % 2 == 0, g, 0) for g in gts]
+    scores = metrics.agreement_intervals(half, gts)
+    assert set(scores) == {"pixel_dice", "object_f1", "seg"}
+    assert scores["object_f1"].estimate == pytest.approx(metrics.label_agreement(half, gts)["object_f1"])
+    assert scores["pixel_dice"].estimate == pytest.approx(metrics.label_agreement(half, gts)["pixel_dice"])
+    assert scores["seg"].estimate == pytest.approx(metrics.seg_dataset(half, gts)["seg"])
+    differences = metrics.agreement_differences(gts, half, gts)
+    for name, interval in differences.items():
+        assert interval.estimate == pytest.approx(1 - scores[name].estimate), name
+        assert interval.low > 0, name
+
+
+def test_interval_table_writes_each_interval_in_its_cell():
+    a = metrics.Interval(0.81234, 0.75, 0.86, 0.95, 40, 2000)
+    table = metrics.interval_table({"labels": {"f1": a}, "net": {"f1": a, "seg": a}}, digits=2)
+    assert table.loc["labels", "f1"] == "0.81 [0.75, 0.86]" and list(table.columns) == ["f1", "seg"]
+    assert table.loc["labels"].isna()["seg"]
+
+
 def test_a_report_alone_gives_the_intervals_of_its_predictions():
     rng = np.random.default_rng(3)
     y_true = rng.integers(0, 4, 240)
@@ -457,3 +492,17 @@ def test_the_macro_f1_of_the_interval_is_scikit_learns():
     y_pred = np.where(rng.random(300) < 0.7, y_true, rng.choice([0, 1, 2, 4, 5], 300))
     expected = metrics.classification_report(y_true, y_pred, list("abcdef"))["macro_f1"]
     assert metrics.macro_f1_interval(y_true, y_pred, 6).estimate == pytest.approx(expected, abs=1e-12)
+
+
+def test_confused_pairs_adds_both_directions_and_ranks_the_pairs():
+    matrix = [[5, 2, 0],
+              [3, 7, 1],
+              [0, 1, 9]]
+    pairs = metrics.confused_pairs(matrix, ["a", "b", "c"])
+    assert list(pairs.index) == [("a", "b"), ("b", "c"), ("a", "c")]
+    assert list(pairs) == [5, 2, 0]
+
+
+def test_confused_pairs_rejects_a_matrix_of_the_wrong_size():
+    with pytest.raises(ValueError, match="square"):
+        metrics.confused_pairs([[1, 0], [0, 1]], ["a", "b", "c"])

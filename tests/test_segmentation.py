@@ -528,6 +528,24 @@ def test_filter_label_images_drops_the_emptiest_quarter_and_overfull_images():
     assert seg.filter_label_images([]).shape == (0,)
 
 
+def test_automatic_label_set_replaces_the_labels_and_applies_the_filter():
+    fields = [synthetic.nuclei_field(shape=(64, 64), n_nuclei=3 + i, seed=i) for i in range(8)]
+    data = datasets.SegmentationSet(images=[f.fluorescence for f in fields], labels=[f.labels for f in fields],
+                           ids=[f"im{i}" for i in range(8)], source="sim", groups=[str(i) for i in range(8)])
+    auto = [np.where(f.labels > 0, 1, 0).astype(np.int32) for f in fields]
+    auto[5] = np.zeros_like(auto[5])  # the stain missed everything here
+    all_set = seg.automatic_label_set(data, auto)
+    assert all_set.ids == data.ids and all(a is b for a, b in zip(all_set.labels, auto, strict=True))
+    assert all_set.source == "sim, automatic labels" and data.labels[0] is fields[0].labels  # input unchanged
+    kept = seg.automatic_label_set(data, auto, filtered=True)
+    keep = seg.filter_label_images(auto)
+    assert kept.ids == [i for i, k in zip(data.ids, keep, strict=True) if k] and "im5" not in kept.ids
+    assert kept.groups == [g for g, k in zip(data.groups, keep, strict=True) if k]
+    assert kept.source.endswith("filtered")
+    with pytest.raises(ValueError, match="7 label images for 8 images"):
+        seg.automatic_label_set(data, auto[:7])
+
+
 def test_count_nuclei_three_ways():
     labels = np.zeros((80, 80), np.int32)
     labels[_disc(labels.shape, (20, 20), 6)] = 1

@@ -1,117 +1,159 @@
-"""cellkit.study's verdicts on report 000's claims, on hand-made tables whose answers are known."""
+"""cellkit.study: the folds and inner split, the scaled blur, and the verdicts on report 000's claims from paired
+differences on the same test images, on hand-made predictions whose answers are known."""
 
 from __future__ import annotations
 
-import math
-
-import pandas as pd
+import numpy as np
 import pytest
 
-from cellkit import classifiers, study
+from cellkit import classifiers, datasets, metrics, study, training
+from cellkit.study import Cell
+
+CNN = Cell("basic-cnn", "normalised")
+RAW = Cell("basic-cnn", "raw")
 
 
-def _table(accuracies: dict[tuple[str, str], list[float]]):
-    """A :func:`study.study_table` of hand-made folds: (model, input) -> held-out accuracy of each fold."""
-    rows = [{"model": model, "input": input_name, "fold": fold + 1, "cv_accuracy": accuracy}
-            for (model, input_name), folds in accuracies.items() for fold, accuracy in enumerate(folds)]
-    return study.study_table(rows)
-
-
-def _claim(said, a, b, sign):
-    return study.Claim(said, *a, *b, sign)
-
-
-def _by_claim(rows):
-    return {row["report 000 said"]: row for row in rows}
-
-
-NORMALISED = ("basic-cnn", "normalised")
+def _predictions(y_true: np.ndarray, correct: int, rng: np.random.Generator) -> np.ndarray:
+    """Predictions right on exactly ``correct`` of the images (chosen at random), wrong on the others."""
+    pred = (y_true + 1) % 8
+    right = rng.choice(len(y_true), correct, replace=False)
+    pred[right] = y_true[right]
+    return pred
 
 
 @pytest.fixture(scope="module")
-def two_folds():
-    # every cell: fold sd 0.0141; differences from normalised (mean 0.61): raw -0.20, blur +0.10, sobel +0.01
-    return _table({NORMALISED: [0.60, 0.62], ("basic-cnn", "raw"): [0.40, 0.42],
-                   ("basic-cnn", "gaussian_blur"): [0.70, 0.72], ("basic-cnn", "sobel"): [0.61, 0.63]})
+def planted():
+    """2,000 test images; normalised right on 1,900 (0.95), raw on 1,500 (0.75), blur on the same images as
+    normalised but 10 more (0.955, a 0.5-point difference)."""
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 8, 2000)
+    normalised = _predictions(y_true, 1900, rng)
+    blur = normalised.copy()
+    wrong = np.flatnonzero(normalised != y_true)[:10]
+    blur[wrong] = y_true[wrong]
+    return y_true, {CNN: normalised, RAW: _predictions(y_true, 1500, rng), Cell("basic-cnn", "gaussian_blur"): blur}
 
 
-def test_a_difference_of_the_claimed_sign_larger_than_the_spread_holds(two_folds):
-    row = study.claim_verdicts(two_folds, [_claim("normalisation helps", NORMALISED, ("basic-cnn", "raw"), +1)])[0]
-    assert row == {"report 000 said": "normalisation helps", "comparison": "basic-cnn/normalised - basic-cnn/raw",
-                   "here (points)": 20.0, "fold sd (points)": 1.4, "verdict": "holds"}
+def _rows(planted, claims):
+    y_true, predicted = planted
+    return study.claim_verdicts(predicted, y_true, claims)
 
 
-def test_the_opposite_sign_beyond_the_spread_does_not_hold(two_folds):
-    rows = study.claim_verdicts(two_folds, [_claim("blur hurts", ("basic-cnn", "gaussian_blur"), NORMALISED, -1)])
-    assert (rows[0]["here (points)"], rows[0]["verdict"]) == (10.0, "does not hold")
+def test_a_planted_difference_of_the_claimed_sign_holds(planted):
+    row = _rows(planted, [study.Claim("normalisation helps", CNN, RAW, +1)])[0]
+    assert row["comparison"] == "basic-cnn/normalised - basic-cnn/raw"
+    assert row["here (points)"] == 20.0
+    low, high = row["95% interval (points)"]
+    assert 15 < low < 20 < high < 25
+    assert row["verdict"] == "holds"
 
 
-def test_a_difference_within_the_spread_is_unclear_whatever_its_sign(two_folds):
-    for sign in (+1, -1):
-        row = study.claim_verdicts(two_folds, [_claim("sobel", ("basic-cnn", "sobel"), NORMALISED, sign)])[0]
-        assert (row["here (points)"], row["verdict"]) == (1.0, "unclear (within the fold spread)")
+def test_the_opposite_sign_is_reversed(planted):
+    row = _rows(planted, [study.Claim("raw helps", RAW, CNN, +1)])[0]
+    assert (row["here (points)"], row["verdict"]) == (-20.0, "reversed")
 
 
-def test_a_cell_not_in_the_table_was_not_run(two_folds):
-    row = study.claim_verdicts(two_folds, [_claim("canny", ("basic-cnn", "canny"), NORMALISED, -1)])[0]
-    assert row["here (points)"] is None and row["fold sd (points)"] is None  # None: not measured (JSON null)
+def test_a_model_compared_with_itself_is_not_resolved(planted):
+    row = _rows(planted, [study.Claim("same", CNN, CNN, +1)])[0]
+    assert row["here (points)"] == 0.0 and row["95% interval (points)"] == [0.0, 0.0]
+    assert row["verdict"] == "not resolved at this budget"
+
+
+def test_a_consistent_small_difference_is_resolved_by_pairing(planted):
+    # blur is right wherever normalised is, plus 10 images: every resample keeps the sign, so +0.5 points holds,
+    # though the two accuracies' own intervals (about +-1 point each) overlap
+    row = _rows(planted, [study.Claim("blur helps", Cell("basic-cnn", "gaussian_blur"), CNN, +1)])[0]
+    assert row["here (points)"] == 0.5 and row["95% interval (points)"][0] > 0
+    assert row["verdict"] == "holds"
+
+
+def test_a_cell_not_run_says_so(planted):
+    row = _rows(planted, [study.Claim("canny", Cell("basic-cnn", "canny"), CNN, -1)])[0]
+    assert row["here (points)"] is None and row["95% interval (points)"] is None
     assert row["verdict"] == "not run in this profile"
 
 
-def test_one_fold_has_no_spread_so_every_difference_is_unclear():
-    table = _table({NORMALISED: [0.9], ("basic-cnn", "raw"): [0.1]})
-    row = study.claim_verdicts(table, [_claim("normalisation helps", NORMALISED, ("basic-cnn", "raw"), +1)])[0]
-    assert (row["here (points)"], row["fold sd (points)"]) == (80.0, 0.0)
-    assert row["verdict"] == "unclear (one fold, no spread)"
+def test_claim_verdict_on_its_boundaries():
+    def interval(low, high):
+        return metrics.Interval((low + high) / 2, low, high, 0.95, 100, 10)
 
-
-def test_the_fewer_folds_of_the_two_cells_decide():
-    table = _table({NORMALISED: [0.9, 0.9], ("basic-cnn", "raw"): [0.1]})
-    assert study.accuracy_gap(table, NORMALISED, ("basic-cnn", "raw")) == (pytest.approx(0.8), 0.0, 1)
-
-
-def test_claim_verdict_rule_on_its_boundaries():
-    assert study.claim_verdict(0.02, 0.02, 2, +1) == "unclear (within the fold spread)"  # must exceed the spread
-    assert study.claim_verdict(0.021, 0.02, 2, +1) == "holds"
-    assert study.claim_verdict(0.021, 0.02, 2, -1) == "does not hold"
-    assert study.claim_verdict(None, None, 0, +1) == "not run in this profile"
-
-
-def test_sgd_against_adam_rows_follow_the_claims():
-    optimisers = pd.DataFrame([
-        {"model": "basic-cnn", "optimizer": "adam", "val accuracy change per epoch": 0.02},
-        {"model": "basic-cnn", "optimizer": "sgd", "val accuracy change per epoch": 0.05},
-        {"model": "resnet18", "optimizer": "adam", "val accuracy change per epoch": 0.04},
-        {"model": "resnet18", "optimizer": "sgd", "val accuracy change per epoch": 0.01},
-        {"model": "vit", "optimizer": "adam", "val accuracy change per epoch": float("nan")},
-        {"model": "vit", "optimizer": "sgd", "val accuracy change per epoch": float("nan")},
-    ])
-    rows = _by_claim(study.claim_verdicts(_table({NORMALISED: [0.5]}), [], optimisers))
-    cnn, resnet, vit = (rows[f"SGD fluctuates more than Adam ({m})"] for m in ("basic-cnn", "resnet18", "vit"))
-    assert (cnn["here (points)"], cnn["fold sd (points)"], cnn["verdict"]) == (3.0, None, "holds")
-    assert (resnet["here (points)"], resnet["verdict"]) == (-3.0, "does not hold")
-    assert math.isnan(vit["here (points)"]) and vit["verdict"] == "unclear (one epoch)"  # one epoch: no change
-
-
-def test_no_optimiser_comparison_adds_no_rows(two_folds):
-    assert study.claim_verdicts(two_folds, [], None) == []
-    assert study.claim_verdicts(two_folds, [], pd.DataFrame()) == []
-    assert study.fluctuation_verdicts(None) == []
+    assert study.claim_verdict(interval(0.0, 0.02), +1) == "not resolved at this budget"  # 0 inside
+    assert study.claim_verdict(interval(0.001, 0.02), +1) == "holds"
+    assert study.claim_verdict(interval(0.001, 0.02), -1) == "reversed"
+    assert study.claim_verdict(interval(-0.02, -0.001), -1) == "holds"
+    assert study.claim_verdict(None, +1) == "not run in this profile"
 
 
 def test_report_claims_name_models_and_inputs_of_the_study():
-    assert len(study.REPORT000_CLAIMS) == 12
+    assert len(study.REPORT000_CLAIMS) == 17
     for claim in study.REPORT000_CLAIMS:
-        assert claim.input_a in study.STUDY_INPUTS and claim.input_b in study.STUDY_INPUTS
-        classifiers.spec(claim.model_a), classifiers.spec(claim.model_b)  # raises for an unknown model
+        for cell in (claim.a, claim.b):
+            assert cell.input in study.STUDY_INPUTS and cell.optimizer in ("adam", "sgd")
+            classifiers.spec(cell.model)  # raises for an unknown model
         assert claim.sign in (+1, -1)
+    cells = study.cells_of(study.REPORT000_CLAIMS)
+    assert len(cells) == len(set(cells)) and Cell("basic-cnn", "normalised", "sgd") in cells
 
 
-def test_the_full_report_table_has_one_row_per_claim_in_order(two_folds):
-    rows = study.claim_verdicts(two_folds)
-    assert [r["report 000 said"] for r in rows] == [c.said for c in study.REPORT000_CLAIMS]
-    verdicts = {r["report 000 said"]: r["verdict"] for r in rows}
-    assert verdicts["normalisation helps (basic CNN: precision doubled)"] == "holds"
-    assert verdicts["Gaussian blur hurts the basic CNN (-0.5 to -0.7%)"] == "does not hold"
-    assert verdicts["Sobel hurts the basic CNN (-0.5 to -0.7%)"] == "unclear (within the fold spread)"
-    assert verdicts["ViT beats ResNet-18 by about 4%"] == "not run in this profile"
+def test_scaled_blur_kernel_keeps_report_000s_share_of_the_cell():
+    assert study.scaled_blur_kernel(50) == 25  # the report's own size
+    assert study.scaled_blur_kernel(28) == 13  # OpenCV's sigma 2.3 px = 4.1 px x 28 / 50
+    assert study.scaled_blur_kernel(100) == 53  # sigma 8.2 px
+    assert all(study.scaled_blur_kernel(size) % 2 == 1 for size in range(1, 200))
+    with pytest.raises(ValueError, match="positive"):
+        study.scaled_blur_kernel(0)
+
+
+def test_inner_split_is_a_stratified_part_of_the_training_fold_only():
+    labels = np.repeat(np.arange(4), 40)
+    (train, held), *_ = study.kfold_indices(labels, 4, seed=1)
+    fit_index, val_index = study.inner_split(train, labels, 0.25, seed=1)
+    assert set(fit_index) | set(val_index) == set(train) and not set(fit_index) & set(val_index)
+    assert not (set(fit_index) | set(val_index)) & set(held)  # the held-out fold is never used in training
+    assert np.bincount(labels[val_index]).tolist() == [7, 8, 7, 8] or np.ptp(np.bincount(labels[val_index])) <= 1
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        study.inner_split(train, labels, 1.0)
+
+
+def test_kfold_holds_out_every_index_once():
+    labels = np.repeat(np.arange(3), 10)
+    held = np.concatenate([h for _, h in study.kfold_indices(labels, 5, seed=0)])
+    assert sorted(held.tolist()) == list(range(30))
+    with pytest.raises(datasets.DataError, match="at least 12 images"):
+        study.kfold_indices(labels, 12)
+
+
+def test_best_cell_is_chosen_on_held_out_folds_not_the_test():
+    rows = [{"model": "basic-cnn", "input": name, "optimizer": "adam", "fold": fold, "cv_accuracy": accuracy}
+            for name, accuracies in (("raw", (0.5, 0.6)), ("sobel", (0.9, 0.8))) for fold, accuracy in
+            enumerate(accuracies, 1)]
+    table = study.study_table(rows)
+    assert study.best_cell(table) == Cell("basic-cnn", "sobel")
+    assert table.loc[("basic-cnn", "sobel", "adam"), "folds"] == 2
+    assert table.loc[("basic-cnn", "raw", "adam"), "cv_accuracy_sd"] == pytest.approx(0.0707, abs=1e-4)
+
+
+def test_scores_on_test_carry_intervals_around_the_estimate(planted):
+    y_true, predicted = planted
+    rows = study.scores_on_test(predicted, y_true, 8, n_resamples=500)
+    first = rows[0]
+    assert first["test_accuracy"] == pytest.approx(0.95)
+    low, high = first["test_accuracy_ci"]
+    assert low < 0.95 < high and high - low < 0.03
+    assert first["test_macro_f1_ci"][0] <= first["test_macro_f1"] <= first["test_macro_f1_ci"][1]
+
+
+def test_a_cell_trains_on_the_inner_split_and_its_fold_models_predict_later():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(2), 12)
+    images = rng.integers(0, 60, (24, 8, 8, 3)).astype(np.uint8)
+    images[labels == 1] += 120  # bright class 1: learnable in a few epochs
+    pool = datasets.ImageSet(images, labels, ["dark", "bright"])
+    config = training.FitConfig(epochs=2, batch_size=8, patience=1, monitor="val_loss")
+    run = study.cross_validate(Cell("basic-cnn", "normalised"), pool, folds=2, config=config, precision="float32",
+                               crop=None, throughput_seconds=0, fold_limit=1)
+    (row,) = run.rows
+    assert (row["n_fit"] + row["n_inner_val"], row["n_held_out"]) == (12, 12) and row["monitor"] == "val_loss"
+    assert len(run.weights) == 1 and row["epochs_run"] <= 2 and row["images_per_second"] is None
+    predicted = study.read_test_once([run], pool)
+    assert predicted[run.cell].shape == (24,) and set(predicted[run.cell]) <= {0, 1}

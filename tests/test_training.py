@@ -52,6 +52,8 @@ def test_recipes_come_from_the_registry_and_are_checked():
     assert training.FitConfig.for_model("cellnet").augment == "dihedral_shift"
     with pytest.raises(ValueError, match="unknown optimizer"):
         training.FitConfig(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="monitor must be val_accuracy or val_loss"):
+        training.FitConfig(monitor="loss")
 
 
 def test_precision_follows_the_cpu_unless_forced():
@@ -185,24 +187,28 @@ def test_study_inputs_keep_shape_and_dtype(name, real_data):
 
 
 def test_study_table_averages_folds():
-    rows = [{"model": "m", "input": "a", "fold": f, "cv_accuracy": acc, "test_accuracy": 0.5, "train_seconds": 2.0}
-            for f, acc in ((1, 0.6), (2, 0.8))] + [{"model": "m", "input": "b", "fold": 1, "cv_accuracy": 0.3,
-                                                     "test_accuracy": 0.2, "train_seconds": 1.0}]
+    rows = [{"model": "m", "input": "a", "optimizer": "adam", "fold": f, "cv_accuracy": acc, "train_seconds": 2.0}
+            for f, acc in ((1, 0.6), (2, 0.8))] + [{"model": "m", "input": "b", "optimizer": "adam", "fold": 1,
+                                                     "cv_accuracy": 0.3, "train_seconds": 1.0}]
     table = study.study_table(rows)
-    assert table.loc[("m", "a"), "cv_accuracy"] == pytest.approx(0.7)
-    assert table.loc[("m", "a"), "cv_accuracy_sd"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
-    assert table.loc[("m", "b"), "cv_accuracy_sd"] == 0 and table.loc[("m", "b"), "folds"] == 1
+    assert table.loc[("m", "a", "adam"), "cv_accuracy"] == pytest.approx(0.7)
+    assert table.loc[("m", "a", "adam"), "cv_accuracy_sd"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
+    assert table.loc[("m", "b", "adam"), "cv_accuracy_sd"] == 0 and table.loc[("m", "b", "adam"), "folds"] == 1
     assert study.study_table(rows, by=["model"]).loc["m", "train_seconds"] == pytest.approx(5 / 3)
 
 
 def test_cross_validation_of_the_basic_cnn_on_real_pbc(pbc_small):
     train, val = pbc_small
     pool = datasets.per_class(train, 30)
-    rows = study.cross_validate("basic-cnn", "normalised", pool, val, folds=2,
-                                   config=training.FitConfig(epochs=3, batch_size=32), precision="float32",
-                                   throughput_seconds=0.1)
-    assert [r["fold"] for r in rows] == [1, 2] and all(r["n_held_out"] == 120 for r in rows)
-    for row in rows:
-        assert row["cv_accuracy"] > 0.3 and row["test_accuracy"] > 0.3  # chance is 0.125
-        assert set(row["test_f1_per_class"]) == set(pool.class_names)
+    config = training.FitConfig(epochs=3, batch_size=32, monitor="val_loss", patience=2)
+    run = study.cross_validate(study.Cell("basic-cnn", "normalised"), pool, folds=2, config=config,
+                               precision="float32", throughput_seconds=0.1)
+    assert [r["fold"] for r in run.rows] == [1, 2] and len(run.weights) == 2
+    for row in run.rows:
+        assert row["n_held_out"] == 120 and row["n_fit"] + row["n_inner_val"] == 120
+        assert row["cv_accuracy"] > 0.3  # chance is 0.125
+        val_loss = row["history"]["val_loss"]
+        assert row["best_epoch"] == 1 + int(np.argmin(val_loss))  # early stopping kept the lowest validation loss
         assert row["params"] == 421_960 and row["images_per_second"] > 0 and row["peak_rss_mb"] > 0
+    predicted = study.read_test_once([run], val)[run.cell]  # the mean of the two fold models' probabilities
+    assert predicted.shape == val.labels.shape and np.mean(predicted == val.labels) > 0.3

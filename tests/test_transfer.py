@@ -1,5 +1,6 @@
-"""VGG16 transfer (report 004): weights resolution without internet, the head, the cut base, class imbalance,
-the multi-label encoding and its scores, and the confusion-matrix distances behind the dendrogram."""
+"""Transfer (report 004): the unlabelled DSB source and SimCLR, moving an encoder, the linear probe, label
+fractions, class imbalance, VGG16 and its weights without internet, the multi-label encoding and its scores, and
+the confusion-matrix distances behind the dendrogram."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from cellkit import classifiers, metrics, transfer, transforms
-from cellkit.datasets import DataError, ImageSet
+from cellkit.config import DEFAULT_SEED
+from cellkit.datasets import DataError, ImageSet, SegmentationSet
 from cellkit.datasets.labels import PBC_LABEL_SPACE, label_matrix, label_scores_from_classes, multilabel_targets
 
 PBC = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
@@ -127,14 +129,7 @@ def test_transfer_head_is_the_reports():
         transfer.build_transfer_head((512,), 5, "relu")
 
 
-def test_vgg16_cut_recomposes_the_base():
-    base = transfer.build_vgg16_base(32, None)
-    lower, upper = transfer.split_vgg16(base)
-    assert lower.output_shape == (None, 2, 2, 512) and upper.output_shape == (None, 1, 1, 512)
-    assert [layer.name for layer in upper.layers[1:]] == ["block5_conv1", "block5_conv2", "block5_conv3",
-                                                          "block5_pool"]
-    x = classifiers.preprocess(np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8), "caffe")
-    np.testing.assert_allclose(np.asarray(upper(lower(x))), np.asarray(base(x)), rtol=1e-4, atol=1e-4)
+def test_vgg16_needs_32_pixels():
     with pytest.raises(ValueError, match="at least 32x32"):
         transfer.build_vgg16_base(28)
 
@@ -205,3 +200,136 @@ def test_wrong_weights_file_is_a_one_line_error(tmp_path):
         handle.create_dataset("x", data=np.zeros(3))
     with pytest.raises(DataError, match="not VGG16"):
         transfer.build_vgg16_base(32, bad)
+
+
+def test_vgg16_features_read_the_weights_file(weights_file):
+    path, source = weights_file
+    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    features = transfer.vgg16_features(images, path)
+    expected = np.asarray(source(classifiers.preprocess(images, "caffe"))).mean(axis=(1, 2))
+    assert features.shape == (3, 512)
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
+
+
+# --- the source: DSB nucleus crops and SimCLR -------------------------------------------------------------------
+
+
+def test_nucleus_crops_are_unlabelled_uint8_images_named_by_object():
+    image = np.zeros((40, 40), np.uint8)
+    labels = np.zeros((40, 40), np.uint16)
+    for k, (y, x) in enumerate([(4, 4), (4, 24), (24, 4), (24, 24)], start=1):
+        labels[y : y + 10, x : x + 10] = k
+        image[y : y + 10, x : x + 10] = 50 * k
+    dsb = SegmentationSet([image, image], [labels, labels], ["a", "b"], source="dsb2018")
+    crops = transfer.nucleus_crops(dsb, 16, margin=2)
+    assert crops.images.shape == (8, 16, 16, 3) and crops.images.dtype == np.uint8
+    assert crops.class_names == ["nucleus"] and set(crops.labels.tolist()) == {0}
+    assert crops.files[:4] == ["a#1", "a#2", "a#3", "a#4"] and crops.files[4] == "b#1"
+    assert (crops.images[..., 0] == crops.images[..., 2]).all()  # grey copied to 3 channels
+    assert len(transfer.nucleus_crops(dsb, 16, max_crops=3).images) == 3
+    empty = SegmentationSet([image], [np.zeros_like(labels)], ["c"])
+    with pytest.raises(DataError, match="no nucleus crops"):
+        transfer.nucleus_crops(empty, 16)
+
+
+def test_contrastive_view_without_crop_or_colour_is_an_inverted_symmetry():
+    images = np.random.default_rng(0).integers(0, 255, (5, 12, 12, 3), dtype=np.uint8)
+    views = transfer.contrastive_views(images, np.random.default_rng(1), min_side=1.0, invert=1.0, gain=(1, 1),
+                                       offset=0.0)
+    for image, view in zip(images, views, strict=True):
+        symmetries = [transforms.dihedral_view(255 - image[None], k, flip)[0] for k in range(4) for flip in (0, 1)]
+        assert any((view == s).all() for s in symmetries)
+    coloured = transfer.contrastive_views(images, np.random.default_rng(1))
+    assert coloured.shape == images.shape and coloured.dtype == np.uint8
+    np.testing.assert_array_equal(coloured, transfer.contrastive_views(images, np.random.default_rng(1)))
+
+
+def _nt_xent_reference(z1, z2, t):
+    z = np.concatenate([z1, z2]).astype(float)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    n = len(z1)
+    losses = []
+    for i in range(2 * n):
+        partner = (i + n) % (2 * n)
+        others = [j for j in range(2 * n) if j != i]
+        logits = np.array([z[i] @ z[j] / t for j in others])
+        losses.append(-(z[i] @ z[partner] / t) + np.log(np.exp(logits).sum()))
+    return float(np.mean(losses))
+
+
+def test_nt_xent_matches_its_definition():
+    rng = np.random.default_rng(0)
+    z1, z2 = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    assert float(transfer.nt_xent(z1, z2, 0.5)) == pytest.approx(_nt_xent_reference(z1, z2, 0.5), rel=1e-4)
+    # two orthogonal pairs, each view equal to its partner: the loss is the smallest it can be at this temperature
+    z = np.eye(2) * 3
+    assert float(transfer.nt_xent(z, z, 0.1)) == pytest.approx(_nt_xent_reference(z, z, 0.1), abs=1e-6)
+    assert float(transfer.nt_xent(z, z, 0.1)) < 1e-3
+
+
+def test_pretraining_changes_the_encoder_and_moves_into_a_classifier():
+    images = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+    pretrained = transfer.pretrain_contrastive(images, widths=(4, 8, 8), epochs=3, batch_size=4, max_seconds=0,
+                                               progress="none")
+    assert len(pretrained.losses) == 1 and np.isfinite(pretrained.losses[0])  # the budget stops after one epoch
+    assert pretrained.to_dict()["n_images"] == 8
+    fresh = classifiers.build_cellnet((16, 16, 3), 2, (4, 8, 8))
+    keras = transfer.keras
+    keras.utils.set_random_seed(DEFAULT_SEED)
+    same_start = classifiers.build_cellnet((16, 16, 3), 2, (4, 8, 8))
+    assert not np.allclose(pretrained.model.get_layer("conv1_1").get_weights()[0],
+                           same_start.get_layer("conv1_1").get_weights()[0])
+    target = classifiers.build_cellnet((16, 16, 3), 5, (4, 8, 8))
+    output_before = target.get_layer("output").get_weights()[0].copy()
+    transfer.with_encoder_weights(target, pretrained.model)
+    for name in ("conv1_1", "bn2_2", "conv3_2"):
+        for mine, theirs in zip(target.get_layer(name).get_weights(), pretrained.model.get_layer(name).get_weights(),
+                                strict=True):
+            np.testing.assert_array_equal(mine, theirs)
+    np.testing.assert_array_equal(target.get_layer("output").get_weights()[0], output_before)
+    features = transfer.embed(target, images)
+    assert features.shape == (8, 8)
+    np.testing.assert_allclose(features, transfer.embed(pretrained.model, images), rtol=1e-5, atol=1e-6)
+    assert fresh.count_params() == same_start.count_params()
+
+
+def test_linear_probe_chooses_c_on_validation():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 20)
+    x = rng.normal(size=(60, 3)) + 4 * np.eye(3)[y]
+    probe = transfer.linear_probe(x, y, x[::2], y[::2], cs=(0.1, 1.0))
+    assert probe.val_accuracy == {0.1: 1.0, 1.0: 1.0} and probe.c == 0.1  # a tie goes to the stronger penalty
+    assert probe.predict_proba(x).shape == (60, 3)
+
+
+def test_cnn_run_from_source_weights_with_a_remedy():
+    data = _set([6, 3], size=16)
+    source = classifiers.build_cellnet((16, 16, 3), 2, (4, 8, 8))
+    run = transfer.cnn_run(data, data, data, epochs=1, widths=(4, 8, 8), source=source, variant="augment")
+    assert run.test_proba.shape == (9, 2) and run.fits["train"].epochs_run == 1
+    assert run.summary()["test_accuracy"] == run.test_report["accuracy"]
+    with pytest.raises(ValueError, match="unknown imbalance variant"):
+        transfer.cnn_run(data, data, data, variant="oversample")
+
+
+# --- label fractions -----------------------------------------------------------------------------------------------
+
+
+def test_label_fractions_are_stratified_and_nested():
+    labels = np.repeat([0, 1, 2], [40, 20, 3])
+    tenth, half = transfer.label_fraction(labels, 0.1, 3), transfer.label_fraction(labels, 0.5, 3)
+    assert np.bincount(labels[tenth], minlength=3).tolist() == [4, 2, 1]
+    assert np.bincount(labels[half], minlength=3).tolist() == [20, 10, 2]
+    assert set(tenth) <= set(half)
+    assert len(transfer.label_fraction(labels, 1.0, 3)) == len(labels)
+    with pytest.raises(ValueError, match="fraction"):
+        transfer.label_fraction(labels, 0.0, 3)
+    assert [transfer.epochs_for_fraction(20, f) for f in (1.0, 0.25, 0.1)] == [20, 40, 64]
+
+
+def test_imbalanced_indices_follow_the_shares():
+    labels = np.repeat([0, 1, 2], 30)
+    index = transfer.imbalanced_indices(labels, [1, 2, 4], 20)
+    assert np.bincount(labels[index]).tolist() == [5, 10, 20] and (np.diff(index) > 0).all()
+    with pytest.raises(ValueError, match="positive share"):
+        transfer.imbalanced_indices(labels, [1, 0, 4], 20)

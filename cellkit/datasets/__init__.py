@@ -5,6 +5,9 @@
 >>> cells = datasets.load_pbc_jpg(size=48)           # original JPEGs, centre crop + bicubic resize
 >>> split = datasets.dsb2018_split()                 # {"train": ids, "val": ids, "test": ids}
 >>> nuclei = datasets.load_dsb2018(split["test"])    # SegmentationSet, images + uint16 instance labels
+>>> whole, groups = datasets.drop_duplicates(whole)  # before any split: one copy of each pixel-identical image
+>>> datasets.assert_disjoint(source, target)         # no shared file name, no pixel-identical image
+>>> ig = datasets.subtype_set(test, "ig")            # PBC sub-types from the file names (MMY, MY, PMY)
 
 Every split in the project is :func:`stratified_split` (``datasets/splits.py``). What ``cellkit train`` and
 ``cellkit evaluate`` read (a dataset name, an npz or a folder, as train/validation/test) is
@@ -12,6 +15,15 @@ Every split in the project is :func:`stratified_split` (``datasets/splits.py``).
 """
 
 from cellkit.datasets.containers import ImageSet, SegmentationSet
+from cellkit.datasets.duplicates import (
+    Overlap,
+    assert_disjoint,
+    drop_duplicates,
+    duplicate_groups,
+    overlap,
+    pixel_hash,
+    without,
+)
 from cellkit.datasets.loaders import (
     centre_crop_resize,
     decode_image,
@@ -55,9 +67,21 @@ from cellkit.datasets.splits import (
     stratified_positions,
     stratified_split,
 )
+from cellkit.datasets.subtypes import PBC_SUBTYPES, SUBTYPE_NAMES, subtype_code, subtype_set
 
 __all__ = [
+    "PBC_SUBTYPES",
     "REGISTRY",
+    "SUBTYPE_NAMES",
+    "Overlap",
+    "assert_disjoint",
+    "drop_duplicates",
+    "duplicate_groups",
+    "overlap",
+    "pixel_hash",
+    "subtype_code",
+    "subtype_set",
+    "without",
     "DataError",
     "first_line",
     "DatasetInfo",
