@@ -87,6 +87,22 @@ def notebooks_dir() -> Path:
     return PROJECT_ROOT / "notebooks"
 
 
+def notebook_paths(only: list[str] | None = None) -> list[Path]:
+    """The numbered notebooks (``NN_name.ipynb``), sorted; ``only`` keeps those whose number or stem match."""
+    paths = sorted(p for p in notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        wanted = {w.removesuffix(".ipynb") for w in only}
+        paths = [p for p in paths if p.stem in wanted or p.stem[:2] in wanted]
+        if not paths:
+            raise ValueError(f"no notebook matches {', '.join(only)}; see notebooks/ for the numbers")
+    return paths
+
+
+def executed_dir(profile: str) -> Path:
+    """Where executed copies of the notebooks go (git-ignored): ``notebooks/executed/<profile>/``."""
+    return notebooks_dir() / "executed" / profile
+
+
 def models_dir() -> Path:
     """Where ``cellkit train`` and ``make models`` put trained models by default."""
     return PROJECT_ROOT / "models"

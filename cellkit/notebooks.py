@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from cellkit import config, plots, results, runtime
+from cellkit.config import executed_dir, notebook_paths  # noqa: F401 - the runner's names
 from cellkit.datasets import DatasetNotFound, ImageSet, SegmentationSet
 
 PROFILES = config.PROFILES
@@ -66,17 +67,6 @@ def profile_parameters(notebook: str, profile: str) -> dict[str, Any]:
         raise ValueError(f"unknown profile {profile!r}; use one of {', '.join(PROFILES)}")
     overrides = load_profiles()[profile].get(notebook) or {}
     return {"profile": profile, **overrides}
-
-
-def notebook_paths(only: list[str] | None = None) -> list[Path]:
-    """The numbered notebooks (``NN_name.ipynb``), sorted; ``only`` keeps those whose number or stem match."""
-    paths = sorted(p for p in config.notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
-    if only:
-        wanted = {w.removesuffix(".ipynb") for w in only}
-        paths = [p for p in paths if p.stem in wanted or p.stem[:2] in wanted]
-        if not paths:
-            raise ValueError(f"no notebook matches {', '.join(only)}; see notebooks/ for the numbers")
-    return paths
 
 
 # --- the record a notebook writes ----------------------------------------------------------------------
@@ -271,11 +261,6 @@ def recorded_synthetic(notebook: str, profile: str, since: float) -> bool | None
     if not path.is_file() or path.stat().st_mtime < since:
         return None
     return bool(json.loads(path.read_text()).get("synthetic_data"))
-
-
-def executed_dir(profile: str) -> Path:
-    """Where executed copies of the notebooks go (git-ignored): ``notebooks/executed/<profile>/``."""
-    return config.notebooks_dir() / "executed" / profile
 
 
 def run_notebook(path: Path, profile: str, output_dir: Path | None = None, progress: bool = True,

@@ -134,7 +134,7 @@ def check(profile: str = TABLE_PROFILE, notebooks: Sequence[Path] | None = None,
     """Every problem with the committed records of ``profile``: a notebook without a record, a record that no
     longer describes the tree (:func:`record_problems`), and, for the table's profile, a README table that is not
     the one the records give. [] means the committed results are those of the code in the tree."""
-    notebooks = sorted(config.notebooks_dir().glob("[0-9][0-9]_*.ipynb")) if notebooks is None else notebooks
+    notebooks = config.notebook_paths() if notebooks is None else notebooks
     problems = []
     for notebook in notebooks:
         record = read_record(notebook.stem, profile)
@@ -188,7 +188,7 @@ def times_table() -> str:
     """Each notebook's wall time and the CPU time of its kernel in the committed default and full records (Markdown),
     so that the README's times are those of the runs behind its numbers."""
     lines = ["| notebook | default: wall (CPU) | full: wall (CPU) |", "|---|---|---|"]
-    for notebook in sorted(config.notebooks_dir().glob("[0-9][0-9]_*.ipynb")):
+    for notebook in config.notebook_paths():
         cells = [_run_time(read_record(notebook.stem, profile)) for profile in ("default", "full")]
         lines.append(f"| {notebook.stem} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)

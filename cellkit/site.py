@@ -44,10 +44,8 @@ class SiteError(ValueError):
 def executed_notebooks(profile: str) -> list[Path]:
     """The executed copies of every numbered notebook for ``profile``, in course order; a :class:`SiteError` names
     the ones that have not run."""
-    from cellkit import notebooks
-
-    folder = notebooks.executed_dir(profile)
-    wanted = notebooks.notebook_paths()
+    folder = config.executed_dir(profile)
+    wanted = config.notebook_paths()
     missing = [p.stem for p in wanted if not (folder / p.name).is_file()]
     if missing:
         raise SiteError(f"{len(missing)} notebook(s) have no executed copy in {folder} ({', '.join(missing)}); "

@@ -93,6 +93,6 @@ def test_no_two_modules_import_each_other():
 
 
 def test_the_library_never_imports_its_faces_or_the_notebook_runner():
-    faces = {"cellkit.cli", "cellkit.app", "cellkit.notebooks", "cellkit.site"}  # site: the course website
+    faces = {"cellkit.cli", "cellkit.app", "cellkit.notebooks"}
     wrong = {a: sorted(b & faces) for a, b in _package_imports().items() if a not in faces and b & faces}
     assert not wrong, f"library modules importing the command line, the app or the runner: {wrong}"

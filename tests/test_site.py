@@ -8,7 +8,7 @@ from urllib.parse import unquote, urldefrag, urlparse
 
 import pytest
 
-from cellkit import cli, notebooks, outputs, site
+from cellkit import cli, config, notebooks, outputs, site
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu"]
@@ -98,7 +98,7 @@ def test_a_rebuild_replaces_only_a_site(built_site, smoke_executed, tmp_path):
 
 
 def test_missing_executed_notebooks_are_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(notebooks, "executed_dir", lambda profile: tmp_path / "executed" / profile)
+    monkeypatch.setattr(config, "executed_dir", lambda profile: tmp_path / "executed" / profile)
     assert cli.main(["site", "--profile", "full", "--out", str(tmp_path / "site")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no executed copy" in err and "make run PROFILE=full" in err
