@@ -830,15 +830,19 @@ def accuracy_interval(y_true: Sequence, y_pred: Sequence, **options) -> Interval
 def macro_f1_interval(y_true: Sequence, y_pred: Sequence, n_classes: int, **options) -> Interval:
     """Macro-F1 (over the classes present, as :func:`classification_report`) of class indices ``y_true`` and
     ``y_pred`` (n,), in 0..n_classes-1, with its bootstrap interval over test images."""
-    def macro_f1(t: np.ndarray, p: np.ndarray) -> float:
-        # from the confusion matrix by bincount: the same number as scikit-learn's, 20 times faster per resample
-        matrix = np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-        hits = np.diag(matrix)
-        counted = matrix.sum(axis=0) + matrix.sum(axis=1)  # 2 TP + FP + FN of each class
-        present = counted > 0
-        return float(np.mean(2 * hits[present] / counted[present]))
+    return bootstrap_interval([np.asarray(y_true), np.asarray(y_pred)],
+                              lambda t, p: macro_f1_score(t, p, n_classes), **options)
 
-    return bootstrap_interval([np.asarray(y_true), np.asarray(y_pred)], macro_f1, **options)
+
+def macro_f1_score(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Macro-F1 of class indices ``y_pred`` against ``y_true`` (n,), in 0..n_classes-1, over the classes that occur
+    in either (as :func:`classification_report`). From the confusion matrix by bincount: the same number as
+    scikit-learn's, about 20 times faster, which matters when a bootstrap calls it thousands of times."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    matrix = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    counted = matrix.sum(axis=0) + matrix.sum(axis=1)  # 2 TP + FP + FN of each class
+    present = counted > 0
+    return float(np.mean(2 * np.diag(matrix)[present] / counted[present]))
 
 
 def matching_counts(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], thresh: float = 0.5) -> np.ndarray:
@@ -944,6 +948,30 @@ def scores_difference(scores_a: dict, scores_b: dict, score: str = "seg", **opti
         raise ValueError("the two scores are not of the same images in the same order")
     return paired_difference([_per_image_units(scores_a)[score]], [_per_image_units(scores_b)[score]],
                              _pooled(score), **options)
+
+
+def pooled_over_runs(runs: Sequence[dict]) -> dict[str, Any]:
+    """Several :func:`segmentation_scores` of the same images in the same order (e.g. one recipe trained with
+    several seeds) as one: each image's TP, FP, FN, reference nuclei and sum of SEG Jaccards added over the runs.
+
+    F1 and AP at IoU 0.5 and SEG are then pooled over runs and images alike, and :func:`segmentation_intervals` and
+    :func:`scores_difference` accept the result: they resample images, each with all its runs' counts, so the
+    interval is over images while the seeds are averaged. Returns ``n_images``, ``n_runs``, ``f1``, ``ap``, ``seg``
+    and ``per_image`` (id, tp, fp, fn, n_reference, seg: the nuclei-weighted mean over the runs).
+    """
+    if not runs:
+        raise ValueError("no runs to pool")
+    ids = [row["id"] for row in runs[0]["per_image"]]
+    if any([row["id"] for row in run["per_image"]] != ids for run in runs[1:]):
+        raise ValueError("the runs are not scored on the same images in the same order")
+    units = [_per_image_units(run) for run in runs]
+    counts = sum(u["f1"] for u in units)
+    sums = sum(u["seg"] for u in units)
+    per_image = [{"id": name, "tp": int(tp), "fp": int(fp), "fn": int(fn), "n_reference": int(n),
+                  "seg": float(total / n) if n else 0.0}
+                 for name, (tp, fp, fn), (total, n) in zip(ids, counts, sums, strict=True)]
+    return {"n_images": len(ids), "n_runs": len(runs), "f1": pooled_matching_score(counts, "f1"),
+            "ap": pooled_matching_score(counts, "ap"), "seg": pooled_seg(sums), "per_image": per_image}
 
 
 def interval_fields(intervals: dict[str, Interval], names: dict[str, str]) -> dict[str, list[float]]:

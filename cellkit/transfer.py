@@ -20,6 +20,9 @@ for is a one-line error, never a silent switch to other weights.
 :func:`build_vgg16_base`, :func:`vgg16_weights`        VGG16 and its weights (ImageNet from disk, or a file)
 :func:`scratch_run`                                    VGG16 + report 004's head from random weights, on a time budget
 :func:`multilabel_scores`                              binary relevance or one multi-output head
+:func:`seed_runs`                                      fine-tuned and scratch ``cellnet`` with several seeds
+:func:`seed_interval`, :func:`seed_difference`         scores averaged over seeds, intervals over test images
+:func:`imagenet_choice`                                what the notebook's ``imagenet_weights`` setting resolves to
 =====================================================  ================================================================
 """
 
@@ -87,6 +90,25 @@ def find_imagenet_weights(path: str | Path | None = None) -> Path | None:
             return Path(given)
     cached = keras_weights_cache() / VGG16_NOTOP_FILE
     return cached if cached.is_file() else None
+
+
+def imagenet_choice(setting: str | Path | None) -> dict[str, Any]:
+    """Resolve notebook 06's ``imagenet_weights`` setting into the record of :func:`vgg16_weights` (``weights`` is
+    ``none`` when not used, and then ``reason`` says why).
+
+    ``None``: never used. ``"auto"``: the ImageNet file when :func:`find_imagenet_weights` finds one, otherwise not
+    used (the reason names the file and where to put it). A path: that file, and a missing file is a
+    :class:`DataError` (the user asked for it), never a silent switch.
+    """
+    if setting is None:
+        return {"weights": "none", "file": None, "md5": None, "official": False,
+                "reason": "imagenet_weights is None in this profile"}
+    try:
+        return vgg16_weights("imagenet" if setting == "auto" else setting)[1]
+    except DataError as error:
+        if setting != "auto":
+            raise
+        return {"weights": "none", "file": None, "md5": None, "official": False, "reason": str(error)}
 
 
 def vgg16_weights(weights: str | Path | None) -> tuple[Path | None, dict[str, Any]]:
@@ -250,17 +272,20 @@ def with_encoder_weights(model: Any, source: Any) -> Any:
 @dataclass
 class Pretrained:
     """A ``cellnet`` whose encoder :func:`pretrain_contrastive` trained (its softmax layer is untrained, unused),
-    the mean NT-Xent loss of each epoch, wall time (s), the process's peak memory (MiB) and the images seen."""
+    the mean NT-Xent loss of each epoch, wall time (s), the process's peak memory (MiB), the images seen and the
+    process's CPU time (s, all threads)."""
 
     model: Any
     losses: list[float]
     seconds: float
     peak_mb: float
     n_images: int
+    cpu_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"losses": [round(v, 4) for v in self.losses], "epochs": len(self.losses),
-                "seconds": round(self.seconds, 1), "peak_mb": round(self.peak_mb, 1), "n_images": self.n_images}
+                "seconds": round(self.seconds, 1), "peak_mb": round(self.peak_mb, 1), "n_images": self.n_images,
+                "cpu_seconds": round(self.cpu_seconds, 1)}
 
 
 def pretrain_contrastive(images: np.ndarray, widths: Sequence[int] = classifiers.CELLNET_WIDTHS, epochs: int = 10,
@@ -298,7 +323,7 @@ def pretrain_contrastive(images: np.ndarray, widths: Sequence[int] = classifiers
 
     rng, scale, steps, losses = np.random.default_rng(seed), cellnet_preprocessing(), len(images) // batch, []
     with MemorySampler() as memory:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for epoch in range(epochs):
             order = rng.permutation(len(images))
             step_losses = [float(step(*(classifiers.preprocess(contrastive_views(images[index], rng), scale)
@@ -310,7 +335,8 @@ def pretrain_contrastive(images: np.ndarray, widths: Sequence[int] = classifiers
                 print(f"SimCLR epoch {epoch + 1}/{epochs}: NT-Xent loss {losses[-1]:.4f} ({elapsed:.0f} s)", flush=True)
             if max_seconds is not None and elapsed >= max_seconds:
                 break
-    return Pretrained(model, losses, time.perf_counter() - started, memory.peak_mb, len(images))
+    return Pretrained(model, losses, time.perf_counter() - started, memory.peak_mb, len(images),
+                      time.process_time() - cpu_started)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -445,11 +471,17 @@ class ClassifierRun:
         """Wall time spent training on the target task."""
         return float(sum(fit.seconds for fit in self.fits.values()))
 
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU time of the process (all threads) spent training on the target task."""
+        return float(sum(fit.cpu_seconds for fit in self.fits.values()))
+
     def summary(self) -> dict[str, Any]:
         return {
             "run": self.name, "val_accuracy": self.val_report["accuracy"],
             "test_accuracy": self.test_report["accuracy"], "test_macro_f1": self.test_report["macro_f1"],
             "epochs": {phase: fit.epochs_run for phase, fit in self.fits.items()}, "seconds": round(self.seconds, 1),
+            "cpu_seconds": round(self.cpu_seconds, 1),
             "peak_rss_mb": round(max(fit.peak_rss_mb for fit in self.fits.values()), 1),
         }
 
@@ -498,6 +530,76 @@ def scratch_run(train: ImageSet, val: ImageSet, test: ImageSet, epochs: int = 10
     result = fit(model, train.images, train.labels, val.images, val.labels, config, "caffe", seed, progress,
                  scope_name(name, "scratch"), max_seconds)
     return ClassifierRun(name, model, {"train": result}, *_reports(model, val, test, "caffe"))
+
+
+# --- repeated seeds ----------------------------------------------------------------------------------------
+
+#: The two runs of the headline comparison, as :func:`seed_runs` names them.
+FINE_TUNED, SCRATCH = "fine-tuned from source", "cellnet from scratch"
+
+
+def seed_runs(train: ImageSet, val: ImageSet, test: ImageSet, seeds: Sequence[int], epochs: int,
+              widths: Sequence[int], source: Any, fraction: float = 1.0) -> dict[str, list[ClassifierRun]]:
+    """The headline comparison repeated: for each seed of ``seeds``, ``cellnet`` fine-tuned from ``source``'s
+    encoder (:data:`FINE_TUNED`) and from random weights (:data:`SCRATCH`), both with that seed, on the same
+    :func:`label_fraction` of ``train`` (drawn with that seed, so each seed sees another subset of the labels),
+    for :func:`epochs_for_fraction` epochs. Returns {name: one :class:`ClassifierRun` per seed, in order}."""
+    runs: dict[str, list[ClassifierRun]] = {FINE_TUNED: [], SCRATCH: []}
+    n_epochs = epochs_for_fraction(epochs, fraction)
+    for seed in seeds:
+        part = train if fraction == 1 else train.subset(label_fraction(train.labels, fraction,
+                                                                       len(train.class_names), seed))
+        for name, start in ((FINE_TUNED, source), (SCRATCH, None)):
+            runs[name].append(cnn_run(part, val, test, n_epochs, widths, source=start, seed=seed,
+                                      name=f"{name} {fraction:g} seed {seed}"))
+    return runs
+
+
+def class_score(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, score: str = "accuracy") -> float:
+    """``accuracy`` or ``macro_f1`` of class indices ``y_pred`` against ``y_true`` (n,), in 0..n_classes-1.
+    Macro-F1 is :func:`cellkit.metrics.macro_f1_score`."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if score == "accuracy":
+        return float(np.mean(y_true == y_pred))
+    if score != "macro_f1":
+        raise ValueError(f"score must be accuracy or macro_f1, got {score!r}")
+    return metrics.macro_f1_score(y_true, y_pred, n_classes)
+
+
+def _seed_mean(n_classes: int, score: str) -> Any:
+    """The statistic of :func:`seed_interval`: (y_true (n,), predictions (n, n_seeds)) -> mean score over seeds."""
+    def statistic(y_true: np.ndarray, predictions: np.ndarray) -> float:
+        return float(np.mean([class_score(y_true, p, n_classes, score) for p in predictions.T]))
+
+    return statistic
+
+
+def _by_image(predictions: Sequence[np.ndarray]) -> np.ndarray:
+    """One run's class indices (n,) per seed -> (n, n_seeds): test images first, as a bootstrap resamples them."""
+    stacked = np.stack([np.asarray(p) for p in predictions], axis=1)
+    if stacked.ndim != 2:
+        raise ValueError(f"need one (n,) array of class indices per seed, got shape {stacked.shape}")
+    return stacked
+
+
+def seed_interval(y_true: np.ndarray, predictions: Sequence[np.ndarray], n_classes: int, score: str = "accuracy",
+                  **options) -> metrics.Interval:
+    """``score`` (:func:`class_score`) averaged over seeds, each seed's class indices (n,) in ``predictions``, with
+    its bootstrap interval over the test images: a resample draws images and scores every seed on them, so the
+    interval is over images while the seeds are averaged (``options``: as
+    :func:`cellkit.metrics.bootstrap_interval`)."""
+    return metrics.bootstrap_interval([np.asarray(y_true), _by_image(predictions)], _seed_mean(n_classes, score),
+                                      **options)
+
+
+def seed_difference(y_true: np.ndarray, predictions_a: Sequence[np.ndarray], predictions_b: Sequence[np.ndarray],
+                    n_classes: int, score: str = "accuracy", **options) -> metrics.Interval:
+    """:func:`seed_interval` of runs ``a`` minus that of runs ``b``, both scored on the same test images (each a
+    list of class indices (n,), one per seed), with its paired bootstrap interval over the images: the seeds are
+    averaged, the images resampled, the same images for both."""
+    y_true = np.asarray(y_true)
+    return metrics.paired_difference([y_true, _by_image(predictions_a)], [y_true, _by_image(predictions_b)],
+                                     _seed_mean(n_classes, score), **options)
 
 
 # --- multi-label heads ------------------------------------------------------------------------------------

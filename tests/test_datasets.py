@@ -369,6 +369,52 @@ def test_assert_disjoint_passes_on_disjoint_sets_and_without_removes_the_overlap
     assert datasets.without(a, a).files == []
 
 
+def test_disjoint_parts_removes_copies_of_earlier_parts_and_duplicates_within_each_part():
+    train = _set([_image(1), _image(2), _image(1), _image(3)], ["t0.jpg", "t1.jpg", "t2.jpg", "t3.jpg"])
+    val = _set([_image(2), _image(4), _image(5), _image(4), _image(6)],  # 2: train's t1 under another name
+               ["v0.jpg", "v1.jpg", "v2.jpg", "v3.jpg", "v4.jpg"])
+    test = _set([_image(3), _image(7), _image(5), _image(8), _image(7), _image(9)],
+                ["s0.jpg", "t3.jpg", "s2.jpg", "s3.jpg", "s4.jpg", "s5.jpg"])  # t3.jpg: a file of train, other pixels
+    parts, removed = datasets.disjoint_parts({"test": test, "train": train, "val": val})
+    assert list(parts) == ["train", "val", "test"]
+    assert parts["train"].files == ["t0.jpg", "t1.jpg", "t3.jpg"]  # one copy of 1, the first
+    assert parts["val"].files == ["v1.jpg", "v2.jpg", "v4.jpg"]  # copy of train out, one copy of 4 kept
+    # s0 has train's pixels, s1 train's file name, s2 val's pixels; of the two 7s (s1, s4) only s4 was left
+    assert parts["test"].files == ["s3.jpg", "s4.jpg", "s5.jpg"]
+    assert removed == {"train": 1, "val": 2, "test": 3}
+    assert [int(image[0, 0, 0]) for image in parts["test"].images] == [8, 7, 9]  # images travel with their files
+    assert {name: len(parts[name]) + removed[name] for name in parts} == {"train": 4, "val": 5, "test": 6}
+
+
+def test_disjoint_parts_compares_with_an_earlier_part_as_given_and_names_clash_across_folders():
+    train = _set([_image(1), _image(1)], ["ig/MY_1.jpg", "ig/MY_2.jpg"])  # MY_2 is dropped from train as a copy ...
+    test = _set([_image(5), _image(6)], ["neutrophil/MY_2.jpg", "neutrophil/SNE_3.jpg"])  # ... but still its file
+    parts, removed = datasets.disjoint_parts({"train": train, "test": test}, order=("train", "test"))
+    assert parts["train"].files == ["ig/MY_1.jpg"] and parts["test"].files == ["neutrophil/SNE_3.jpg"]
+    assert removed == {"train": 1, "test": 1}
+
+
+def test_disjoint_parts_returns_the_same_sets_when_nothing_is_shared_and_follows_the_order():
+    a = _set([_image(1), _image(2)], ["a.jpg", "b.jpg"], labels=[1, 0])
+    b = _set([_image(3)], ["c.jpg"])
+    parts, removed = datasets.disjoint_parts({"train": a, "val": b}, order=("train", "val"))
+    assert parts["train"] is a and parts["val"] is b and removed == {"train": 0, "val": 0}
+    shared = _set([_image(2), _image(4)], ["x.jpg", "y.jpg"])
+    parts, removed = datasets.disjoint_parts({"first": shared, "second": a}, order=("first", "second"))
+    assert parts["first"] is shared and parts["second"].files == ["a.jpg"] and removed == {"first": 0, "second": 1}
+    assert parts["second"].labels.tolist() == [1]
+    with pytest.raises(ValueError, match="do not match the order"):
+        datasets.disjoint_parts({"train": a, "val": b})  # no test part
+
+
+def test_disjoint_parts_works_on_segmentation_sets():
+    masks = [np.zeros((3, 3), np.uint16)] * 3
+    train = datasets.SegmentationSet([_image(1, (3, 3)), _image(2, (3, 3))], masks[:2], ["p", "q"])
+    test = datasets.SegmentationSet([_image(2, (3, 3)), _image(3, (3, 3)), _image(3, (3, 3))], masks, ["r", "s", "t"])
+    parts, removed = datasets.disjoint_parts({"train": train, "test": test}, order=("train", "test"))
+    assert parts["test"].ids == ["s"] and removed == {"train": 0, "test": 2}
+
+
 def test_pbc28_duplicates_are_found_and_three_groups_straddle_train_and_test(real_data):
     parts = {split: datasets.load_pbc28(split) for split in ("train", "val", "test")}
     images = np.concatenate([part.images for part in parts.values()])
@@ -380,6 +426,10 @@ def test_pbc28_duplicates_are_found_and_three_groups_straddle_train_and_test(rea
     shared = datasets.overlap(parts["train"], parts["test"])
     assert len(shared.pixels) == 3 and not shared.files  # copies under other names, not the same file
     assert datasets.assert_disjoint(parts["train"], datasets.without(parts["test"], parts["train"])).disjoint
+    cleaned, removed = datasets.disjoint_parts(parts)  # 8 within train; 4 train/val and 1 within val; 3 train/test
+    assert removed == {"train": 8, "val": 5, "test": 3}
+    assert {name: len(cleaned[name]) + removed[name] for name in parts} == {n: len(p) for n, p in parts.items()}
+    assert not datasets.duplicate_groups(np.concatenate([part.images for part in cleaned.values()]))
 
 
 # --- PBC sub-types from the file names ---------------------------------------------------------------------

@@ -29,7 +29,8 @@ INTERVALS = {
     "06_transfer_learning_vgg16": ("transfer_accuracy", "transfer_macro_f1", "scratch_cnn_accuracy",
                                    "transfer_minus_scratch_accuracy", "label_curve_transfer_f1_10",
                                    "label_curve_scratch_f1_10", "label_curve_transfer_f1_100",
-                                   "label_curve_scratch_f1_100", "imbalance_none_f1_imbalanced",
+                                   "label_curve_scratch_f1_100", "label_curve_gain_f1_10",
+                                   "label_curve_gain_f1_100", "imbalance_none_f1_imbalanced",
                                    "imbalance_none_f1_balanced"),
     "07_unet_segmentation": ("f1_iou50", "ap_iou50", "seg", "unet_minus_baseline_f1", "unet_minus_baseline_seg"),
     "08_automatic_labels": ("autolabel_object_f1", "autolabel_pixel_dice", "labels_trained_unet_f1",
@@ -71,8 +72,7 @@ def test_notebook_follows_the_contract(path):
 
 #: Notebooks whose exercises are still to be written (issue 27); the test below fails when one of them gets its
 #: exercises, so that it leaves this set.
-WITHOUT_EXERCISES_YET = {"05_transformations_vs_models", "06_transfer_learning_vgg16",
-                         "07_unet_segmentation", "08_automatic_labels", "09_clustering"}
+WITHOUT_EXERCISES_YET = {"07_unet_segmentation"}
 
 
 def exercises(notebook) -> list[tuple[object, object]]:

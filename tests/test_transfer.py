@@ -333,3 +333,76 @@ def test_imbalanced_indices_follow_the_shares():
     assert np.bincount(labels[index]).tolist() == [5, 10, 20] and (np.diff(index) > 0).all()
     with pytest.raises(ValueError, match="positive share"):
         transfer.imbalanced_indices(labels, [1, 0, 4], 20)
+
+
+# --- repeated seeds ---------------------------------------------------------------------------------------------
+
+
+def test_class_score_matches_the_classification_report():
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.integers(0, 4, 50), rng.integers(0, 3, 50)  # class 3 never predicted
+    report = metrics.classification_report(y_true, y_pred, ["a", "b", "c", "d", "e"])  # "e" in neither: not counted
+    assert transfer.class_score(y_true, y_pred, 5, "macro_f1") == pytest.approx(report["macro_f1"])
+    assert transfer.class_score(y_true, y_pred, 5) == pytest.approx(report["accuracy"])
+    with pytest.raises(ValueError, match="accuracy or macro_f1"):
+        transfer.class_score(y_true, y_pred, 5, "auc")
+
+
+def test_seed_interval_averages_the_seeds_and_resamples_images():
+    y = np.repeat([0, 1], 10)
+    right, half = y.copy(), np.where(np.arange(20) % 2 == 0, y, 1 - y)  # seed 1 all right, seed 2 half right
+    interval = transfer.seed_interval(y, [right, half], 2, n_resamples=200)
+    assert interval.estimate == pytest.approx(0.75) and interval.n_units == 20
+    assert interval.low < 0.75 < interval.high
+    one = transfer.seed_interval(y, [right, right], 2, "macro_f1", n_resamples=50)
+    assert (one.estimate, one.low, one.high) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="one \\(n,\\) array"):
+        transfer.seed_interval(y, [np.zeros((20, 2), int)], 2)
+
+
+def test_seed_difference_is_paired_over_images():
+    y = np.repeat([0, 1, 2], 10)
+    a = [y.copy(), y.copy()]
+    b = [np.where(np.arange(30) < 6, (y + 1) % 3, y), y.copy()]  # seed 1 of b misses the first 6 images
+    gain = transfer.seed_difference(y, a, b, 3, n_resamples=500)
+    assert gain.estimate == pytest.approx(0.1)  # accuracy (1 + 1) / 2 - (0.8 + 1) / 2
+    assert gain.low >= 0 and gain.high > 0.1
+    same = transfer.seed_difference(y, a, a, 3, "macro_f1", n_resamples=50)
+    assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0)
+
+
+def test_seed_runs_pair_each_seed_on_one_label_subset():
+    data = _set([8, 8], size=16)
+    source = classifiers.build_cellnet((16, 16, 3), 2, (4, 8, 8))
+    runs = transfer.seed_runs(data, data, data, seeds=[1, 2], epochs=1, widths=(4, 8, 8), source=source,
+                              fraction=0.5)
+    assert set(runs) == {transfer.FINE_TUNED, transfer.SCRATCH} and all(len(r) == 2 for r in runs.values())
+    assert [r.name for r in runs[transfer.SCRATCH]] == ["cellnet from scratch 0.5 seed 1",
+                                                        "cellnet from scratch 0.5 seed 2"]
+    assert runs[transfer.FINE_TUNED][0].fits["train"].epochs_run == transfer.epochs_for_fraction(1, 0.5) == 2
+    assert runs[transfer.FINE_TUNED][0].test_proba.shape == (16, 2)
+    assert runs[transfer.FINE_TUNED][0].cpu_seconds > 0
+
+
+# --- the imagenet_weights setting of notebook 06 ------------------------------------------------------------------
+
+
+def test_imagenet_setting_auto_uses_a_file_on_disk_and_says_when_there_is_none(weights_file, tmp_path, monkeypatch):
+    path, source = weights_file
+    monkeypatch.delenv(transfer.VGG16_WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    missing = transfer.imagenet_choice("auto")
+    assert missing["weights"] == "none" and transfer.VGG16_NOTOP_FILE in missing["reason"]
+    assert transfer.imagenet_choice(None)["weights"] == "none"
+    (tmp_path / "keras" / "models").mkdir(parents=True)
+    cached = tmp_path / "keras" / "models" / transfer.VGG16_NOTOP_FILE
+    cached.write_bytes(path.read_bytes())
+    found = transfer.imagenet_choice("auto")
+    assert found["weights"] == "imagenet" and found["file"] == str(cached) and found["md5"] == transfer.md5sum(path)
+    given = transfer.imagenet_choice(str(path))
+    assert given["weights"] == "file" and given["official"] is False  # random weights: not Keras' md5
+    images = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    expected = np.asarray(source(classifiers.preprocess(images, "caffe"))).mean(axis=(1, 2))
+    np.testing.assert_allclose(transfer.vgg16_features(images, given["file"]), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(DataError, match="no such file"):
+        transfer.imagenet_choice(str(tmp_path / "gone.h5"))

@@ -18,6 +18,7 @@ from cellkit.datasets.containers import ImageSet, SegmentationSet
 from cellkit.datasets.duplicates import (
     Overlap,
     assert_disjoint,
+    disjoint_parts,
     drop_duplicates,
     duplicate_groups,
     overlap,
@@ -75,6 +76,7 @@ __all__ = [
     "SUBTYPE_NAMES",
     "Overlap",
     "assert_disjoint",
+    "disjoint_parts",
     "drop_duplicates",
     "duplicate_groups",
     "overlap",
