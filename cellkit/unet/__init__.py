@@ -14,14 +14,16 @@
 ``unet/trained.py``         :class:`TrainedUNet` (any image in, instance labels out), :func:`save_unet`,
                             :func:`load_unet`
 ``unet/train.py``           random crops, :func:`fit_unet`, :func:`tune_postprocessing`, :func:`train_unet`,
-                            :func:`evaluate_saved_unet`, :func:`segmentation_throughput`, :class:`Variants`
-                            (variants of a recipe, each configuration trained once)
+                            :func:`evaluate_saved_unet`, :func:`segmentation_throughput`
+``unet/study.py``           variants of a recipe compared on validation: :class:`Variants` (each configuration
+                            trained once), :class:`SeededVariants` (every variant with several seeds, intervals
+                            over images), the ablation verdicts, score curves, the choice of a variant
 ==========================  ==============================================================================
 
 The image-side work (input stack, tiling, instances) is :mod:`cellkit.segmentation`'s; segmenting folders of
 files is :mod:`cellkit.inference`'s. Importing this package loads no TensorFlow: the training half
-(``unet/train.py``, whose names are listed in :data:`TRAINING`) is imported on first use, so that reading a saved
-model's configuration, or rejecting a wrong file, stays fast.
+(``unet/train.py`` and ``unet/study.py``, whose names are listed in :data:`TRAINING` and :data:`STUDY`) is imported
+on first use, so that reading a saved model's configuration, or rejecting a wrong file, stays fast.
 """
 
 from cellkit.unet.config import (
@@ -46,10 +48,12 @@ from cellkit.unet.trained import TrainedUNet, load_unet, read_unet_config, save_
 
 #: Names of ``unet/train.py``, imported on first use (it builds on Keras classes).
 TRAINING = (
-    "POSTPROCESS_GRID", "POSTPROCESS_START", "CropBatches", "UNetFit", "UNetRun", "Variants", "evaluate_saved_unet",
+    "POSTPROCESS_GRID", "POSTPROCESS_START", "CropBatches", "UNetFit", "UNetRun", "evaluate_saved_unet",
     "fit_unet", "instances_from", "predict_probabilities", "segmentation_throughput", "train_unet",
     "tune_postprocessing", "unet_targets", "validation_crops", "zoomed_images",
 )
+#: Names of ``unet/study.py``, imported on first use (it imports the training half).
+STUDY = ("SeededVariants", "Variants", "ablation_verdicts", "choose", "curve_table", "improvement_verdict")
 
 
 def __getattr__(name: str):
@@ -57,6 +61,10 @@ def __getattr__(name: str):
         from cellkit.unet import train
 
         return getattr(train, name)
+    if name in STUDY:
+        from cellkit.unet import study
+
+        return getattr(study, name)
     raise AttributeError(f"module 'cellkit.unet' has no attribute {name!r}")
 
 __all__ = [
@@ -65,6 +73,7 @@ __all__ = [
     "POSTPROCESS_START",
     "REPORT002_UNET",
     "REPORT003_UNET",
+    "SeededVariants",
     "UNET_AUGMENTATIONS",
     "UNET_CLASS_NAMES",
     "UNET_PROFILES",
@@ -74,11 +83,15 @@ __all__ = [
     "UNetFit",
     "UNetRun",
     "Variants",
+    "ablation_verdicts",
     "binary_focal_loss",
     "build_from_config",
     "build_unet",
+    "choose",
+    "curve_table",
     "evaluate_saved_unet",
     "fit_unet",
+    "improvement_verdict",
     "instances_from",
     "load_unet",
     "predict_probabilities",

@@ -8,11 +8,7 @@ scores and inference speed; and the same measurements for a saved model.
 >>> run.test_scores["f1"], run.test_scores["seg"], run.throughput["mpx_per_s"]
 >>> run.save("models/unet.keras")
 
-Comparing variants of a recipe (notebook 07's steps and ablation), each configuration trained once:
-
->>> runs = unet.Variants(train, val, test, measure_throughput=False)
->>> runs.train("2-class", UNetConfig(n_classes=1, channels=("original",), augmentation="none"))
->>> runs["2-class"].test_scores["seg"]
+Comparing variants of a recipe is :mod:`cellkit.unet.study`'s job.
 """
 
 from __future__ import annotations
@@ -20,7 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -434,62 +430,3 @@ def evaluate_saved_unet(path: str | Path, val: SegmentationSet, test: Segmentati
     data = {"source": f"loaded from {Path(path).name}", **record.get("data", {})}
     return UNetRun(trained, fit, record.get("postprocess_search", []), val_scores, test_scores, {},
                    int(trained.model.count_params()), data, test_labels if keep_test_predictions else None)
-
-
-class Variants(Mapping[str, UNetRun]):
-    """Named runs of U-Net variants on one split, each configuration trained once: a variant whose
-    :class:`UNetConfig` equals (``==``, every field) one already trained reuses that run instead of training it
-    again (notebook 07: "- augmentation", the full model without augmentation, is "+ input enhancement").
-
-    Parameters
-    ----------
-    train, val, test : the SegmentationSets every variant is trained, tuned and scored on.
-    trainer : called as ``trainer(train, val, test, config=config, name=name, **options)`` and returning a
-        :class:`UNetRun`; default :func:`train_unet` (tests pass a stand-in).
-    **options : further keyword arguments of ``trainer``, the same for every variant (``seed``, ``precision``,
-        ``progress``, ``keep_test_predictions``, ...).
-
-    A read-only mapping of name -> :class:`UNetRun` in the order the variants were added; names that share a run
-    map to the same object.
-    """
-
-    def __init__(self, train: SegmentationSet, val: SegmentationSet, test: SegmentationSet | None = None,
-                 trainer: Callable[..., UNetRun] | None = None, **options: Any) -> None:
-        self.data = (train, val, test)
-        self.trainer = trainer or train_unet
-        self.options = options
-        self._runs: dict[str, UNetRun] = {}
-        self._trained: list[tuple[UNetConfig, str, UNetRun]] = []  # each configuration trained: its first name, run
-
-    def trained_as(self, config: UNetConfig) -> str | None:
-        """The name of the variant an equal configuration was trained for, or None if none was."""
-        return next((name for done, name, _ in self._trained if done == config), None)
-
-    def train(self, name: str, config: UNetConfig) -> UNetRun:
-        """The run of ``config``, kept under ``name``: that of an equal configuration trained before, or a new one."""
-        run = next((run for done, _, run in self._trained if done == config), None)
-        if run is None:
-            run = self.trainer(*self.data, config=config, name=name, **self.options)
-            self._trained.append((replace(config), name, run))  # a copy: the caller may change its config later
-        self._runs[name] = run
-        return run
-
-    def add(self, name: str, run: UNetRun) -> UNetRun:
-        """Keep a run made elsewhere (e.g. a saved model, :func:`evaluate_saved_unet`) under ``name``; it is never
-        reused for a configuration to train."""
-        self._runs[name] = run
-        return run
-
-    @property
-    def n_trained(self) -> int:
-        """How many variants were actually trained."""
-        return len(self._trained)
-
-    def __getitem__(self, name: str) -> UNetRun:
-        return self._runs[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._runs)
-
-    def __len__(self) -> int:
-        return len(self._runs)
