@@ -116,8 +116,10 @@ def assert_disjoint(a: Any, b: Any, names: tuple[str, str] = ("the first set", "
 
 def without(data: Any, other: Any) -> Any:
     """The items of ``data`` that share neither a file nor pixels with ``other`` (e.g. test cells whose copy is in
-    the training set), in their order."""
+    the training set), in their order; ``data`` itself when it shares nothing."""
     shared = set(overlap(other, data).positions_in_b())
+    if not shared:
+        return data
     return data.subset(np.array([i for i in range(len(data.images)) if i not in shared], np.int64))
 
 
@@ -146,14 +148,11 @@ def disjoint_parts(parts: Mapping[str, Any], order: Sequence[str] = ("train", "v
     cleaned: dict[str, Any] = {}
     removed: dict[str, int] = {}
     for position, name in enumerate(order):
-        data = parts[name]
-        shared = sorted({j for earlier in order[:position] for j in overlap(parts[earlier], data).positions_in_b()})
-        rest = data
-        if shared:
-            drop = set(shared)
-            rest = data.subset(np.array([i for i in range(len(data.images)) if i not in drop], np.int64))
+        rest = parts[name]
+        for earlier in order[:position]:
+            rest = without(rest, parts[earlier])
         cleaned[name], _ = drop_duplicates(rest)
-        removed[name] = len(data.images) - len(cleaned[name].images)
+        removed[name] = len(parts[name].images) - len(cleaned[name].images)
     for position, first in enumerate(order):
         for second in order[position + 1:]:
             assert_disjoint(cleaned[first], cleaned[second], (f"the {first} part", f"the {second} part"))

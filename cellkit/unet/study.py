@@ -128,6 +128,14 @@ class SeededVariants:
         """The runs of variant ``name``, one per seed in the order of :attr:`seeds`."""
         return [self._by_seed[seed][name] for seed in self.seeds]
 
+    def seed_scores(self, name: str, score: str) -> list[float]:
+        """Validation ``score`` of each run of ``name``, one per seed in the order of :attr:`seeds`."""
+        return [run.val_scores[score] for run in self.runs(name)]
+
+    def train_minutes(self, name: str) -> float:
+        """Mean wall time of training one run of ``name``, in minutes."""
+        return float(np.mean([run.fit.seconds for run in self.runs(name)])) / 60
+
     def pooled(self, name: str) -> dict[str, Any]:
         """Validation scores of ``name`` pooled over its seeds (:func:`cellkit.metrics.pooled_over_runs`)."""
         return metrics.pooled_over_runs([run.val_scores for run in self.runs(name)])
@@ -154,16 +162,13 @@ class SeededVariants:
             for score in scores:
                 row.update({f"val {score}": intervals[score].estimate, f"{score} low": intervals[score].low,
                             f"{score} high": intervals[score].high})
-                values = [run.val_scores[score] for run in self.runs(name)]
+                values = self.seed_scores(name, score)
                 row.update({f"{score} seed {seed}": value for seed, value in zip(self.seeds, values, strict=True)})
                 row[f"{score} seed range"] = float(np.ptp(values))
-            row["train min"] = float(np.mean([run.fit.seconds for run in self.runs(name)])) / 60
+            row["train min"] = self.train_minutes(name)
             row["epochs (best)"] = ", ".join(f"{run.fit.epochs_run} ({run.fit.best_epoch})" for run in self.runs(name))
             rows.append(row)
         return pd.DataFrame(rows).set_index("variant")
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
 
 
 def ablation_verdicts(study: SeededVariants, full: str, removed: Mapping[str, str],
@@ -201,11 +206,11 @@ def curve_table(study: SeededVariants, settings: Mapping[str, Mapping[str, Any]]
     rows = []
     for name, values in settings.items():
         interval = study.intervals(name, **options)[score]
-        seeds = [run.val_scores[score] for run in study.runs(name)]
+        seeds = study.seed_scores(name, score)
         rows.append({"variant": name, **values, f"val {score}": interval.estimate, "low": interval.low,
                      "high": interval.high, "seed min": min(seeds), "seed max": max(seeds),
                      **{f"seed {seed}": value for seed, value in zip(study.seeds, seeds, strict=True)},
-                     "train min": float(np.mean([run.fit.seconds for run in study.runs(name)])) / 60})
+                     "train min": study.train_minutes(name)})
     return pd.DataFrame(rows).set_index("variant")
 
 
