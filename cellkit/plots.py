@@ -555,12 +555,14 @@ def feature_importances(importances, families: Sequence[str], top: int = 25, tit
 
 
 def scores_with_spread(means, spreads=None, title: str = "", ylabel: str = "score", ylim: tuple | None = None,
-                       reference: float | None = None, reference_label: str = "") -> plt.Figure:
+                       reference: float | None = None, reference_label: str = "", intervals: tuple | None = None
+                       ) -> plt.Figure:
     """Grouped bars of mean scores (e.g. cross-validated accuracy) with error bars and the values written on top.
 
     ``means`` is a DataFrame (rows: clusters, e.g. image sizes; columns: bars, e.g. metrics); ``spreads`` the
-    same shape (e.g. standard deviations over folds), or None. ``reference`` draws a dashed horizontal line,
-    e.g. a source report's number.
+    same shape (e.g. standard deviations over folds), or None; ``intervals`` instead, a pair (lows, highs) of
+    DataFrames of that shape, e.g. 95 % intervals. ``reference`` draws a dashed horizontal line, e.g. a source
+    report's number.
     """
     n_rows, n_cols = means.shape
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * n_rows * n_cols + 1.5), 3.8))
@@ -568,6 +570,9 @@ def scores_with_spread(means, spreads=None, title: str = "", ylabel: str = "scor
     x = np.arange(n_rows)
     for j, column in enumerate(means.columns):
         errors = None if spreads is None else spreads[column].to_numpy()
+        if intervals is not None:
+            lows, highs = (bound[column].to_numpy() for bound in intervals)
+            errors = [means[column].to_numpy() - lows, highs - means[column].to_numpy()]
         bars = ax.bar(x + (j - (n_cols - 1) / 2) * width, means[column].to_numpy(), width, yerr=errors,
                       capsize=3, label=str(column))
         ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
@@ -685,9 +690,10 @@ def segmentation_panels(rows: Sequence[dict], columns: Sequence[str] = ("image",
 
 def score_curves(table, x: str, columns: Sequence[str], group: str | None = None, title: str = "",
                  xlabel: str | None = None, ylabel: str = "score", log_x: bool = False,
-                 chosen: float | None = None) -> plt.Figure:
+                 chosen: float | None = None, interval: tuple[str, str] | None = None) -> plt.Figure:
     """Scores against a hyperparameter: one line per column of ``columns`` (or, with ``group``, one line per
     value of that column for the single score ``columns[0]``), markers at the measured points, values written.
+    ``interval``: the columns (low, high) of each point's interval, drawn as error bars (one score per line).
 
     ``table`` is a DataFrame with a column ``x`` (e.g. the learning rate) and the score columns. ``chosen``: the
     value of ``x`` chosen (e.g. on the validation split), marked by a dotted vertical line. On a log axis the
@@ -699,7 +705,8 @@ def score_curves(table, x: str, columns: Sequence[str], group: str | None = None
     else:
         series = [(f"{group} {g}", part.sort_values(x), columns[0]) for g, part in table.groupby(group)]
     for label, part, column in series:
-        ax.plot(part[x], part[column], marker="o", linewidth=1.3, label=label)
+        errors = None if interval is None else [part[column] - part[interval[0]], part[interval[1]] - part[column]]
+        ax.errorbar(part[x], part[column], yerr=errors, marker="o", linewidth=1.3, capsize=3, label=label)
         for xv, yv in zip(part[x], part[column], strict=True):
             ax.annotate(f"{yv:.3f}", (xv, yv), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
     if chosen is not None:

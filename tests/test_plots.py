@@ -111,3 +111,15 @@ def test_score_curves_mark_the_chosen_value_and_label_a_log_axis_with_the_measur
     assert len(ax.lines) == 3 and ax.lines[-1].get_xdata()[0] == 5  # two scores, then the dotted chosen line
     assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["1", "5", "25"]
     assert "chosen k 5" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_scores_carry_their_intervals_as_asymmetric_error_bars():
+    curve = pd.DataFrame({"rate": [1e-4, 1e-3], "seg": [0.60, 0.70], "low": [0.50, 0.68], "high": [0.65, 0.75]})
+    ax = plots.score_curves(curve, "rate", ["seg"], log_x=True, interval=("low", "high")).axes[0]
+    segments = ax.collections[0].get_segments()  # one vertical segment per point, from low to high
+    np.testing.assert_allclose([s[:, 1] for s in segments], [[0.50, 0.65], [0.68, 0.75]])
+    means = pd.DataFrame({"SEG": [0.7, 0.6]}, index=["full", "- zoom"])
+    lows, highs = pd.DataFrame({"SEG": [0.65, 0.4]}, index=means.index), pd.DataFrame({"SEG": [0.72, 0.7]},
+                                                                                    index=means.index)
+    ax = plots.scores_with_spread(means, intervals=(lows, highs)).axes[0]
+    np.testing.assert_allclose([s[:, 1] for s in ax.collections[0].get_segments()], [[0.65, 0.72], [0.4, 0.7]])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -275,6 +276,32 @@ def test_save_load_round_trip_keeps_metadata_and_predictions(tiny_run, tmp_path)
     again = unet.evaluate_saved_unet(path, *sets)
     assert again.fit.epochs_run == 3 and 0 <= again.test_scores["f1"] <= 1
     assert again.config == tiny_run.config
+
+
+def test_a_recipe_ignores_what_training_fills_in():
+    recipe = unet.UNetConfig(base_filters=4, epochs=3)
+    trained = replace(recipe, postprocess={"seed_threshold": 0.7}, trained_on="somewhere")
+    assert recipe.same_recipe(trained) and recipe.recipe_differences(trained) == []
+    assert recipe.recipe_differences(replace(recipe, epochs=4, crop=64)) == ["crop", "epochs"]
+
+
+def test_a_saved_model_is_evaluated_only_when_it_was_trained_with_the_recipe(tiny_run, tmp_path, monkeypatch):
+    path = tiny_run.save(tmp_path / "unet.keras")
+    sets = [synthetic.nuclei_dataset(n_images=n, seed=s) for n, s in ((2, 10), (1, 11), (1, 12))]
+    trained_here = []
+    monkeypatch.setattr("cellkit.unet.train.train_unet",
+                        lambda *sets, **options: trained_here.append(options) or tiny_run)
+    run, how = unet.saved_or_trained(path, tiny_run.config, *sets)
+    assert how.startswith(f"evaluated {path}") and not trained_here
+    assert run.config == tiny_run.config and run.test_scores is not None  # scored on the given sets
+    other = replace(tiny_run.config, epochs=5)
+    run, how = unet.saved_or_trained(path, other, *sets, seed=3)
+    assert run is tiny_run and trained_here == [{"config": other, "seed": 3}]
+    assert "another recipe (epochs differ)" in how
+    _, how = unet.saved_or_trained(tmp_path / "missing.keras", other, *sets)
+    assert "missing.keras does not exist" in how and len(trained_here) == 2
+    _, how = unet.saved_or_trained(None, other, *sets)
+    assert "no saved model was given" in how
 
 
 def test_folded_batch_norm_predicts_as_the_trained_network(tiny_run):

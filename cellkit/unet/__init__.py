@@ -14,7 +14,7 @@
 ``unet/trained.py``         :class:`TrainedUNet` (any image in, instance labels out), :func:`save_unet`,
                             :func:`load_unet`
 ``unet/train.py``           random crops, :func:`fit_unet`, :func:`tune_postprocessing`, :func:`train_unet`,
-                            :func:`evaluate_saved_unet`, :func:`segmentation_throughput`
+                            :func:`evaluate_saved_unet`, :func:`saved_or_trained`, :func:`segmentation_throughput`
 ``unet/study.py``           variants of a recipe compared on validation: :class:`Variants` (each configuration
                             trained once), :class:`SeededVariants` (every variant with several seeds, intervals
                             over images), the ablation verdicts, score curves, the choice of a variant
@@ -49,7 +49,8 @@ from cellkit.unet.trained import TrainedUNet, load_unet, read_unet_config, save_
 #: Names of ``unet/train.py``, imported on first use (it builds on Keras classes).
 TRAINING = (
     "POSTPROCESS_GRID", "POSTPROCESS_START", "CropBatches", "UNetFit", "UNetRun", "evaluate_saved_unet",
-    "fit_unet", "instances_from", "predict_probabilities", "segmentation_throughput", "train_unet",
+    "fit_unet", "instances_from", "predict_probabilities", "saved_or_trained", "segmentation_throughput",
+    "train_unet",
     "tune_postprocessing", "unet_targets", "validation_crops", "zoomed_images",
 )
 #: Names of ``unet/study.py``, imported on first use (it imports the training half).
@@ -97,6 +98,7 @@ __all__ = [
     "predict_probabilities",
     "read_unet_config",
     "save_unet",
+    "saved_or_trained",
     "segmentation_throughput",
     "train_unet",
     "tune_postprocessing",

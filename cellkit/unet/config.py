@@ -149,6 +149,16 @@ class UNetConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def recipe_differences(self, other: UNetConfig) -> list[str]:
+        """The fields in which ``other`` trains another network or trains it another way: every field but what
+        training fills in afterwards (``postprocess``, chosen on validation, and ``trained_on``)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [key for key in mine if key not in _FILLED_BY_TRAINING and mine[key] != theirs[key]]
+
+    def same_recipe(self, other: UNetConfig) -> bool:
+        """Whether ``other`` is this recipe (:meth:`recipe_differences` is empty)."""
+        return not self.recipe_differences(other)
+
     def to_metadata(self) -> dict[str, Any]:
         """What is saved inside the model file (:func:`cellkit.saving.save_model`): every field, the kind, the
         layout version and the class names."""
@@ -178,6 +188,10 @@ class UNetConfig:
         except (TypeError, ValueError) as error:
             raise DataError(f"U-Net metadata is not valid ({error}); retrain the model with `cellkit train unet`"
                             ) from None
+
+
+#: Fields a trained model's configuration gets from its training, not from its recipe.
+_FILLED_BY_TRAINING = ("postprocess", "trained_on")
 
 
 #: Fields that layout-1 metadata may lack, with the values its readers assumed for them.

@@ -34,7 +34,7 @@ from cellkit.unet.network import (
     unet_in_precision,
     weighted_categorical_crossentropy,
 )
-from cellkit.unet.trained import TrainedUNet, load_unet, save_unet
+from cellkit.unet.trained import TrainedUNet, load_unet, read_unet_config, save_unet
 
 keras = runtime.keras_module()
 
@@ -430,3 +430,26 @@ def evaluate_saved_unet(path: str | Path, val: SegmentationSet, test: Segmentati
     data = {"source": f"loaded from {Path(path).name}", **record.get("data", {})}
     return UNetRun(trained, fit, record.get("postprocess_search", []), val_scores, test_scores, {},
                    int(trained.model.count_params()), data, test_labels if keep_test_predictions else None)
+
+
+def saved_or_trained(path: str | Path | None, config: UNetConfig, train: SegmentationSet, val: SegmentationSet,
+                     test: SegmentationSet | None = None, **options: Any) -> tuple[UNetRun, str]:
+    """The run of ``config``: the U-Net saved at ``path`` (e.g. by ``make models``), scored by
+    :func:`evaluate_saved_unet`, when that file exists and was trained with the same recipe
+    (:meth:`UNetConfig.same_recipe`); otherwise one trained here by :func:`train_unet` (``options``: its keyword
+    arguments). Returns (the run, one sentence saying which and why), so that a notebook states where its model
+    came from."""
+    if path is None:
+        reason = "no saved model was given"
+    elif not Path(path).is_file():
+        reason = f"{path} does not exist"
+    else:
+        changed = read_unet_config(path).recipe_differences(config)
+        if not changed:
+            keep = options.get("keep_test_predictions", False)
+            run = evaluate_saved_unet(path, val, test, keep_test_predictions=keep)
+            return run, f"evaluated {path}, trained with this recipe (its training record: {saving.sidecar_path(path)})"
+        reason = f"{path} was trained with another recipe ({', '.join(changed)} differ)"
+    run = train_unet(train, val, test, config=config, **options)
+    return run, f"trained here ({reason}): {run.fit.epochs_run} epochs, {run.fit.seconds / 60:.1f} min"
+
