@@ -291,8 +291,8 @@ def test_a_saved_model_is_evaluated_only_when_it_was_trained_with_the_recipe(tin
     trained_here = []
     monkeypatch.setattr("cellkit.unet.train.train_unet",
                         lambda *sets, **options: trained_here.append(options) or tiny_run)
-    run, how = unet.saved_or_trained(path, tiny_run.config, *sets)
-    assert how.startswith(f"evaluated {path}") and not trained_here
+    run, how = unet.saved_or_trained(path, tiny_run.config, *sets, shown_as="models/unet.keras")
+    assert how.startswith("evaluated models/unet.keras") and "record: unet.json" in how and not trained_here
     assert run.config == tiny_run.config and run.test_scores is not None  # scored on the given sets
     other = replace(tiny_run.config, epochs=5)
     run, how = unet.saved_or_trained(path, other, *sets, seed=3)

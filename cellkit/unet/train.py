@@ -433,23 +433,25 @@ def evaluate_saved_unet(path: str | Path, val: SegmentationSet, test: Segmentati
 
 
 def saved_or_trained(path: str | Path | None, config: UNetConfig, train: SegmentationSet, val: SegmentationSet,
-                     test: SegmentationSet | None = None, **options: Any) -> tuple[UNetRun, str]:
+                     test: SegmentationSet | None = None, shown_as: str | None = None,
+                     **options: Any) -> tuple[UNetRun, str]:
     """The run of ``config``: the U-Net saved at ``path`` (e.g. by ``make models``), scored by
     :func:`evaluate_saved_unet`, when that file exists and was trained with the same recipe
     (:meth:`UNetConfig.same_recipe`); otherwise one trained here by :func:`train_unet` (``options``: its keyword
     arguments). Returns (the run, one sentence saying which and why), so that a notebook states where its model
-    came from."""
+    came from; it names the file ``shown_as`` (default: ``path`` as given), e.g. relative to the project."""
+    shown = shown_as or str(path)
     if path is None:
         reason = "no saved model was given"
     elif not Path(path).is_file():
-        reason = f"{path} does not exist"
+        reason = f"{shown} does not exist"
     else:
         changed = read_unet_config(path).recipe_differences(config)
         if not changed:
             keep = options.get("keep_test_predictions", False)
             run = evaluate_saved_unet(path, val, test, keep_test_predictions=keep)
-            return run, f"evaluated {path}, trained with this recipe (its training record: {saving.sidecar_path(path)})"
-        reason = f"{path} was trained with another recipe ({', '.join(changed)} differ)"
+            return run, f"evaluated {shown}, trained with this recipe (its record: {saving.sidecar_path(path).name})"
+        reason = f"{shown} was trained with another recipe ({', '.join(changed)} differ)"
     run = train_unet(train, val, test, config=config, **options)
     return run, f"trained here ({reason}): {run.fit.epochs_run} epochs, {run.fit.seconds / 60:.1f} min"
 
