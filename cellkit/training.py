@@ -242,13 +242,76 @@ class TimedFit:
 
 
 def timed_fit(model: Any, data: Any, **fit_args: Any) -> TimedFit:
-    """``model.fit(data, verbose=0, **fit_args)``, timed and with its memory sampled."""
+    """``model.fit(data, verbose=0, **fit_args)``, timed and with its memory sampled; a ``keras.utils.PyDataset``
+    is fitted one epoch at a time from arrays (:func:`fit_epoch_by_epoch`)."""
     with MemorySampler() as memory:
         started, cpu_started = time.perf_counter(), time.process_time()
-        history = model.fit(data, verbose=0, **fit_args)
+        if isinstance(data, keras.utils.PyDataset):
+            history = fit_epoch_by_epoch(model, data, **fit_args)
+        else:
+            history = model.fit(data, verbose=0, **fit_args).history
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    hist = {k: [float(v) for v in values] for k, values in history.history.items() if k != "learning_rate"}
+    hist = {k: [float(v) for v in values] for k, values in history.items() if k != "learning_rate"}
     return TimedFit(hist, seconds, cpu_seconds, memory.peak_mb, memory.increase_mb)
+
+
+def epoch_arrays(batches: Any) -> tuple[tuple[np.ndarray, ...], int]:
+    """The batches of one epoch of a ``keras.utils.PyDataset``: (the parts (inputs, targets[, weights]), each
+    concatenated along the first axis; the size of the first batch). Calls the dataset's ``on_epoch_end``."""
+    parts = [batches[index] for index in range(len(batches))]
+    batches.on_epoch_end()
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True)), len(parts[0][0])
+
+
+class _WithinOneTraining(keras.callbacks.Callback):
+    """Passes everything but the beginning and end of training on to ``callback``: with one ``model.fit`` per
+    epoch, early stopping must not forget its best epoch at each fit."""
+
+    def __init__(self, callback: Any) -> None:
+        super().__init__()
+        self.callback = callback
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.callback.set_model(model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.callback.on_epoch_begin(epoch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.callback.on_epoch_end(epoch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.callback.on_train_batch_end(batch, logs)
+
+
+def fit_epoch_by_epoch(model: Any, batches: Any, epochs: int = 1, callbacks: Sequence[Any] = (),
+                       **fit_args: Any) -> dict[str, list[float]]:
+    """Train on a ``keras.utils.PyDataset`` with one ``model.fit`` per epoch on that epoch's batches as arrays
+    (:func:`epoch_arrays`): the same batches in the same order, and the optimizer and its learning-rate schedule
+    carry on from fit to fit. Returns the history of all epochs.
+
+    Why: given a Python dataset, Keras' TensorFlow backend pulls every batch through a Python generator inside
+    ``tf.data``, which on a 2-core CPU doubled the time of a U-Net step (1.26 s against 0.64 s from arrays, with
+    about 1.4 GB of page faults per step). The arrays of one epoch are the price (a default U-Net epoch: 160 MB).
+    """
+    callbacks = list(callbacks)
+    for callback in callbacks:
+        callback.set_model(model)
+        callback.on_train_begin()
+    within = [_WithinOneTraining(callback) for callback in callbacks]
+    history: dict[str, list[float]] = {}
+    for epoch in range(epochs):
+        (x, y, *weights), batch_size = epoch_arrays(batches)
+        done = model.fit(x, y, sample_weight=weights[0] if weights else None, batch_size=batch_size, shuffle=False,
+                         initial_epoch=epoch, epochs=epoch + 1, callbacks=within, verbose=0, **fit_args)
+        for key, values in done.history.items():
+            history.setdefault(key, []).extend(values)
+        if model.stop_training:
+            break
+    for callback in callbacks:
+        callback.on_train_end()
+    return history
 
 
 class Progress(keras.callbacks.Callback):

@@ -137,6 +137,71 @@ def test_ensemble_averages_the_members_probabilities(pbc_small):
     assert report["n"] == len(val) and 0 <= report["accuracy"] <= 1
 
 
+class _CountedBatches(training.keras.utils.PyDataset):
+    """3 batches of 4 rows (x, y, weight); counts its epochs; x is the row number (+100 per epoch) / 1000."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epochs_ended = 0
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int):
+        rows = np.arange(4 * index, 4 * index + 4, dtype=np.float32) + 100 * self.epochs_ended
+        return rows[:, None] / 1000, (rows[:, None] % 2).astype(np.float32), np.ones(4, np.float32)
+
+    def on_epoch_end(self) -> None:
+        self.epochs_ended += 1
+
+
+def test_epoch_arrays_are_the_batches_of_one_epoch_in_order():
+    batches = _CountedBatches()
+    (x, y, weights), batch_size = training.epoch_arrays(batches)
+    assert batch_size == 4 and weights.shape == (12,)
+    np.testing.assert_allclose(x[:, 0] * 1000, np.arange(12))
+    assert batches.epochs_ended == 1
+    (x, _, _), _ = training.epoch_arrays(batches)
+    np.testing.assert_allclose(x[:, 0] * 1000, np.arange(12) + 100)
+
+
+class _PlantedValLoss(training.keras.callbacks.Callback):
+    """Replaces the validation loss by planted values (before early stopping sees them) and keeps the weights and
+    the optimizer's step count of every epoch."""
+
+    def __init__(self, losses) -> None:
+        super().__init__()
+        self.losses, self.weights, self.steps, self.began, self.ended = list(losses), [], [], 0, 0
+
+    def on_train_begin(self, logs=None):
+        self.began += 1
+
+    def on_train_end(self, logs=None):
+        self.ended += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["val_loss"] = self.losses[epoch]
+        self.weights.append(self.model.get_weights())
+        self.steps.append(int(self.model.optimizer.iterations))
+
+
+def test_epoch_by_epoch_fit_is_one_training_with_early_stopping_across_fits():
+    keras = training.keras
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="binary_crossentropy")
+    planted = _PlantedValLoss([3.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=2, restore_best_weights=True)
+    val = (np.zeros((2, 1), np.float32), np.zeros((2, 1), np.float32))
+    run = training.timed_fit(model, _CountedBatches(), epochs=6, callbacks=[planted, stopper], validation_data=val)
+    assert planted.began == 1 and planted.ended == 1  # one training, not one per epoch
+    assert planted.steps == [3, 6, 9, 12]  # the optimizer carries on; stopped 2 epochs after the best
+    assert len(run.history["loss"]) == 4
+    for restored, best in zip(model.get_weights(), planted.weights[1], strict=True):
+        np.testing.assert_array_equal(restored, best)  # the best epoch's weights, not the last
+    assert not np.array_equal(model.get_weights()[0], planted.weights[3][0])
+
+
 def test_early_stopping_waits_for_batch_norm_statistics():
     # momentum 0.99 needs 299 steps before the running statistics forget their start values
     assert training.batch_norm_warmup_epochs(classifiers.build("alexnet", 8, 28), steps_per_epoch=94) == 4
