@@ -50,8 +50,7 @@ from cellkit.unet.trained import TrainedUNet, load_unet, read_unet_config, save_
 TRAINING = (
     "POSTPROCESS_GRID", "POSTPROCESS_START", "CropBatches", "UNetFit", "UNetRun", "evaluate_saved_unet",
     "fit_unet", "instances_from", "predict_probabilities", "saved_or_trained", "segmentation_throughput",
-    "train_unet",
-    "tune_postprocessing", "unet_targets", "validation_crops", "zoomed_images",
+    "train_unet", "tune_postprocessing", "unet_targets", "validation_crops", "zoomed_images",
 )
 #: Names of ``unet/study.py``, imported on first use (it imports the training half).
 STUDY = ("SeededVariants", "Variants", "ablation_verdicts", "choose", "curve_table", "improvement_verdict")

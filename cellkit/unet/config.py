@@ -155,10 +155,6 @@ class UNetConfig:
         mine, theirs = self.to_dict(), other.to_dict()
         return [key for key in mine if key not in _FILLED_BY_TRAINING and mine[key] != theirs[key]]
 
-    def same_recipe(self, other: UNetConfig) -> bool:
-        """Whether ``other`` is this recipe (:meth:`recipe_differences` is empty)."""
-        return not self.recipe_differences(other)
-
     def to_metadata(self) -> dict[str, Any]:
         """What is saved inside the model file (:func:`cellkit.saving.save_model`): every field, the kind, the
         layout version and the class names."""

@@ -437,9 +437,10 @@ def saved_or_trained(path: str | Path | None, config: UNetConfig, train: Segment
                      **options: Any) -> tuple[UNetRun, str]:
     """The run of ``config``: the U-Net saved at ``path`` (e.g. by ``make models``), scored by
     :func:`evaluate_saved_unet`, when that file exists and was trained with the same recipe
-    (:meth:`UNetConfig.same_recipe`); otherwise one trained here by :func:`train_unet` (``options``: its keyword
-    arguments). Returns (the run, one sentence saying which and why), so that a notebook states where its model
-    came from; it names the file ``shown_as`` (default: ``path`` as given), e.g. relative to the project."""
+    (:meth:`UNetConfig.recipe_differences` is empty); otherwise one trained here by :func:`train_unet`
+    (``options``: its keyword arguments). Returns (the run, one sentence saying which and why), so that a notebook
+    states where its model came from; it names the file ``shown_as`` (default: ``path`` as given), e.g. relative
+    to the project."""
     shown = shown_as or str(path)
     if path is None:
         reason = "no saved model was given"
