@@ -89,6 +89,12 @@ def test_a_variant_against_itself_is_not_resolved_and_a_planted_difference_is_fo
                                       n_resamples=200)
     assert verdicts.loc["a planted loss", "seg verdict"] == "it helps"
     assert verdicts.loc["nothing", "seg verdict"] == "not resolved"
+    headline = unet.ablation_headline(verdicts)
+    assert headline["without_a_planted_loss_seg_loss"] == verdicts.loc["a planted loss", "full - variant seg"]
+    low, high = headline["without_a_planted_loss_seg_loss_ci"]
+    assert 0 < low <= headline["without_a_planted_loss_seg_loss"] <= high
+    assert set(headline) == {"without_a_planted_loss_seg_loss", "without_a_planted_loss_seg_loss_ci",
+                             "without_nothing_seg_loss", "without_nothing_seg_loss_ci"}
     assert unet.improvement_verdict(metrics.Interval(-0.1, -0.2, -0.05, 0.95, 10, 100)) == "removing it is better"
 
 

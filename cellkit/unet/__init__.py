@@ -53,7 +53,8 @@ TRAINING = (
     "train_unet", "tune_postprocessing", "unet_targets", "validation_crops", "zoomed_images",
 )
 #: Names of ``unet/study.py``, imported on first use (it imports the training half).
-STUDY = ("SeededVariants", "Variants", "ablation_verdicts", "choose", "curve_table", "improvement_verdict")
+STUDY = ("SeededVariants", "Variants", "ablation_headline", "ablation_verdicts", "choose", "curve_table",
+         "improvement_verdict")
 
 
 def __getattr__(name: str):

@@ -188,6 +188,18 @@ def ablation_verdicts(study: SeededVariants, full: str, removed: Mapping[str, st
     return pd.DataFrame(rows).set_index("improvement removed")
 
 
+def ablation_headline(verdicts: pd.DataFrame, score: str = "seg") -> dict[str, Any]:
+    """The record's headline numbers of an ablation (:func:`ablation_verdicts`): for each improvement,
+    ``without_<improvement>_<score>_loss`` (full minus the variant without it; spaces become ``_``) and the same
+    key with ``_ci`` holding its [low, high] interval, the keys ``notebooks/results.yml`` reads."""
+    headline: dict[str, Any] = {}
+    for improvement, row in verdicts.iterrows():
+        key = f"without_{str(improvement).replace(' ', '_')}_{score}_loss"
+        headline[key] = float(row[f"full - variant {score}"])
+        headline[f"{key}_ci"] = [float(row[f"{score} low"]), float(row[f"{score} high"])]
+    return headline
+
+
 def improvement_verdict(difference: metrics.Interval) -> str:
     """The verdict on an improvement from the interval of (with it) - (without it)."""
     if difference.low > 0:
