@@ -264,8 +264,10 @@ def epoch_arrays(batches: Any) -> tuple[tuple[np.ndarray, ...], int]:
 
 
 class _WithinOneTraining(keras.callbacks.Callback):
-    """Passes everything but the beginning and end of training on to ``callback``: with one ``model.fit`` per
-    epoch, early stopping must not forget its best epoch at each fit."""
+    """Passes the epoch hooks and ``on_train_batch_end`` on to ``callback``, but not the beginning and end of
+    training, which :func:`fit_epoch_by_epoch` calls once: with one ``model.fit`` per epoch, early stopping must
+    not forget its best epoch at each fit. (The callbacks used here, early stopping, :class:`TimeBudget` and
+    :class:`Progress`, need no other hook.)"""
 
     def __init__(self, callback: Any) -> None:
         super().__init__()
@@ -293,7 +295,8 @@ def fit_epoch_by_epoch(model: Any, batches: Any, epochs: int = 1, callbacks: Seq
 
     Why: given a Python dataset, Keras' TensorFlow backend pulls every batch through a Python generator inside
     ``tf.data``, which on a 2-core CPU doubled the time of a U-Net step (1.26 s against 0.64 s from arrays, with
-    about 1.4 GB of page faults per step). The arrays of one epoch are the price (a default U-Net epoch: 160 MB).
+    about 1.4 GB of page faults per step). The arrays of one epoch are the price: for a default U-Net epoch,
+    0.3 GB of inputs and targets, which Keras copies once more.
     """
     callbacks = list(callbacks)
     for callback in callbacks:
