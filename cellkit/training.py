@@ -224,9 +224,17 @@ class FitResult:
     stopped_early: bool = False
     cpu_seconds: float = 0.0
     early_stopping_from_epoch: int = 0
+    epoch_end_seconds: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def seconds_to_reach(self, target: float, metric: str = "val_accuracy") -> float | None:
+        """Wall seconds from the start of training to the end of the first epoch whose ``metric`` reached
+        ``target`` (validation included), or None if no epoch did or the epoch times were not kept."""
+        values = self.history.get(metric, [])
+        reached = next((i for i, value in enumerate(values) if value >= target), None)
+        return None if reached is None or reached >= len(self.epoch_end_seconds) else self.epoch_end_seconds[reached]
 
 
 @dataclass
@@ -239,20 +247,35 @@ class TimedFit:
     cpu_seconds: float
     peak_mb: float
     increase_mb: float
+    epoch_end_seconds: list[float] = field(default_factory=list)
+
+
+class _EpochClock(keras.callbacks.Callback):
+    """Wall seconds from its creation to the end of each epoch (validation included), in ``ends``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started, self.ends = time.perf_counter(), []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.ends.append(time.perf_counter() - self.started)
 
 
 def timed_fit(model: Any, data: Any, **fit_args: Any) -> TimedFit:
-    """``model.fit(data, verbose=0, **fit_args)``, timed and with its memory sampled; a ``keras.utils.PyDataset``
-    is fitted one epoch at a time from arrays (:func:`fit_epoch_by_epoch`)."""
+    """``model.fit(data, verbose=0, **fit_args)``, timed (in all and at the end of each epoch) and with its memory
+    sampled; a ``keras.utils.PyDataset`` is fitted one epoch at a time from arrays (:func:`fit_epoch_by_epoch`)."""
+    clock = _EpochClock()
+    fit_args["callbacks"] = [*fit_args.get("callbacks", ()), clock]
     with MemorySampler() as memory:
         started, cpu_started = time.perf_counter(), time.process_time()
+        clock.started = started
         if isinstance(data, keras.utils.PyDataset):
             history = fit_epoch_by_epoch(model, data, **fit_args)
         else:
             history = model.fit(data, verbose=0, **fit_args).history
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     hist = {k: [float(v) for v in values] for k, values in history.items() if k != "learning_rate"}
-    return TimedFit(hist, seconds, cpu_seconds, memory.peak_mb, memory.increase_mb)
+    return TimedFit(hist, seconds, cpu_seconds, memory.peak_mb, memory.increase_mb, clock.ends)
 
 
 def epoch_arrays(batches: Any) -> tuple[tuple[np.ndarray, ...], int]:
@@ -434,6 +457,7 @@ def fit(model: Any, train_images: np.ndarray, train_labels: np.ndarray, val_imag
         best_val_accuracy=float(val_acc[best]), peak_rss_mb=run.peak_mb, rss_increase_mb=run.increase_mb,
         precision=runtime.compute_precision(model), seconds_per_epoch=seconds / max(epochs_run, 1),
         stopped_early=epochs_run < config.epochs, cpu_seconds=cpu_seconds, early_stopping_from_epoch=warmup + 1,
+        epoch_end_seconds=run.epoch_end_seconds,
     )
 
 
@@ -535,7 +559,7 @@ def fit_arrays(model: Any, x: np.ndarray, y: np.ndarray, val_x: np.ndarray, val_
                      best_val_accuracy=float(hist["val_accuracy"][best]), peak_rss_mb=run.peak_mb,
                      rss_increase_mb=run.increase_mb, precision=runtime.compute_precision(model),
                      seconds_per_epoch=seconds / max(len(watched), 1), stopped_early=len(watched) < epochs,
-                     cpu_seconds=cpu_seconds)
+                     cpu_seconds=cpu_seconds, epoch_end_seconds=run.epoch_end_seconds)
 
 
 #: Runs of at most this many steps train eagerly: tracing a U-Net's training step into a graph costs 10-25 s of

@@ -76,6 +76,10 @@ def test_train_writes_the_model_and_its_metrics(workspace):
     assert record["model_info"]["class_names"] == workspace["class_names"]
     assert record["model_info"]["crop"] == 200 and record["model_info"]["preprocessing"] == "pm1"
     assert record["summary"]["epochs_run"] == 1 and record["summary"]["train_seconds"] > 0
+    assert len(record["fit"]["epoch_end_seconds"]) == 1
+    assert 0 < record["fit"]["epoch_end_seconds"][0] <= record["fit"]["seconds"]
+    reached = next(line for line in workspace["train_stdout"].splitlines() if line.startswith("validation accuracy"))
+    assert reached.endswith("never reached") or "first reached after" in reached, reached  # 1 epoch of lenet
     assert record["data"]["n_train"] + record["data"]["n_val"] + record["data"]["n_test"] == 160
     assert {"accuracy", "macro_f1", "per_class", "auc_ovr", "confusion_matrix", "n"} <= set(record["test"])
     assert "wrote" in workspace["train_stdout"]

@@ -200,6 +200,18 @@ def test_epoch_by_epoch_fit_is_one_training_with_early_stopping_across_fits():
     for restored, best in zip(model.get_weights(), planted.weights[1], strict=True):
         np.testing.assert_array_equal(restored, best)  # the best epoch's weights, not the last
     assert not np.array_equal(model.get_weights()[0], planted.weights[3][0])
+    ends = run.epoch_end_seconds  # one per epoch run, rising, within the whole fit
+    assert len(ends) == 4 and ends[0] > 0 and np.all(np.diff(ends) > 0) and ends[-1] <= run.seconds
+
+
+def test_seconds_to_reach_is_the_end_of_the_first_epoch_at_the_target():
+    fit = training.FitResult(history={"val_accuracy": [0.90, 0.985, 0.97, 0.99]}, seconds=40.0, epochs_run=4,
+                             best_epoch=4, best_val_accuracy=0.99, peak_rss_mb=0.0, rss_increase_mb=0.0,
+                             precision="float32", epoch_end_seconds=[10.0, 21.0, 30.5, 40.0])
+    assert fit.seconds_to_reach(0.98) == 21.0  # epoch 2, though epoch 3 fell below again
+    assert fit.seconds_to_reach(0.99) == 40.0
+    assert fit.seconds_to_reach(0.995) is None
+    assert fit.seconds_to_reach(0.5, metric="val_loss") is None  # not in the history
 
 
 def test_early_stopping_waits_for_batch_norm_statistics():
