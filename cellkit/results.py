@@ -156,15 +156,17 @@ def check(profile: str = TABLE_PROFILE, notebooks: Sequence[Path] | None = None,
 
 def results_table() -> str:
     """The README results table (Markdown) from ``notebooks/results.yml`` and the committed default records. A
-    headline number with its 95 % interval recorded beside it (``<name>_ci``) is shown as ``value [low, high]``."""
+    headline number with its 95 % interval recorded beside it (``<name>_ci``) is shown as ``value [low, high]``; a
+    row marked ``profile: full`` (a study the default profile does not run) says so while no default record has it."""
     rows = yaml.safe_load((config.notebooks_dir() / "results.yml").read_text()) or []
     lines = ["| notebook | quantity | this repository | profile, data, commit, time | source report |",
              "|---|---|---|---|---|"]
     for row in rows:
         record = read_record(row["notebook"])
         value = record["headline"].get(row["headline"]) if record else None
-        measured, provenance = ("not recorded yet", "-") if value is None else (_measured(record, row["headline"]),
-                                                                                _provenance(record))
+        missing = "full profile only" if row.get("profile") == "full" else "not recorded yet"
+        measured, provenance = (missing, "-") if value is None else (_measured(record, row["headline"]),
+                                                                     _provenance(record))
         lines.append(f"| {row['notebook']} | {row['quantity']} | {measured} | {provenance} | {row['source']} |")
     return "\n".join(lines)
 

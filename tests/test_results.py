@@ -111,6 +111,7 @@ def test_the_table_reads_committed_records_with_intervals_and_time(workspace):
     assert "| PBC-28 test accuracy, best CNN (chosen on validation) | 0.9876 [0.983, 0.9913] |" in table
     assert "| 03_handcrafted_features_random_forest | PBC-28 test accuracy, tuned random forest on hand-crafted " \
            "features | not recorded yet | - |" in table
+    assert "(momentum 0.9), normalised input (paired) | full profile only | - |" in table  # profile: full
 
 
 def test_the_times_table_gives_each_notebooks_recorded_wall_and_cpu_minutes(workspace):
