@@ -165,6 +165,24 @@ def test_epoch_arrays_are_the_batches_of_one_epoch_in_order():
     np.testing.assert_allclose(x[:, 0] * 1000, np.arange(12) + 100)
 
 
+def test_epoch_by_epoch_fit_trains_each_epoch_on_its_own_batches_in_order():
+    keras = training.keras
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="binary_crossentropy")
+    seen, fit = [], model.fit
+
+    def recording_fit(x, y, **options):
+        seen.append(np.round(x[:, 0] * 1000))
+        return fit(x, y, **options)
+
+    model.fit = recording_fit
+    batches = _CountedBatches()
+    training.fit_epoch_by_epoch(model, batches, epochs=3)  # the next epoch is drawn while one trains
+    assert len(seen) == 3 and batches.epochs_ended == 3  # no epoch drawn beyond the last
+    for epoch, rows in enumerate(seen):
+        np.testing.assert_array_equal(rows, np.arange(12) + 100 * epoch)
+
+
 class _PlantedValLoss(training.keras.callbacks.Callback):
     """Replaces the validation loss by planted values (before early stopping sees them) and keeps the weights and
     the optimizer's step count of every epoch."""
