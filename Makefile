@@ -38,8 +38,8 @@ browser:
 	  { apt-get update < /dev/null && apt-get install -y --no-install-recommends chromium < /dev/null; }; }
 	@test -x $(CHROMIUM) || { echo "error: $(CHROMIUM) missing; install Debian's chromium package" >&2; exit 1; }
 
-## make models: the default classifier and U-Net in models/ (about an hour on 2 idle cores in float32, most of it the
-## U-Net's 40 epochs of about 80 s); skips a model that exists
+## make models: the default classifier and U-Net in models/ (on 2 idle cores about half an hour with bfloat16, about an
+## hour in float32, most of it the U-Net's 40 epochs); skips a model that exists
 models: models/cellnet.keras models/unet.keras
 
 models/cellnet.keras: | $(STAMP)

@@ -626,9 +626,9 @@ def _add_train_unet(train_commands: argparse._SubParsersAction) -> None:
                              "weighted cross-entropy (report 002; default)")
     parser.add_argument("--profile", choices=("default", "full"), default="default",
                         help="default: 16 filters, 40 epochs of 100 steps of 8 crops drawn in proportion to each "
-                             "image's nuclei, flipped and turned, images zoomed to 24-px nuclei (about 55 min on 2 "
-                             "CPU cores in float32, less with bfloat16); full: 32 filters, 60 epochs (hours; no better "
-                             "than default on DSB)")
+                             "image's nuclei, flipped and turned, images zoomed to 24-px nuclei (on 2 CPU cores about "
+                             "23 min with bfloat16, about an hour in float32); full: 32 filters, 60 epochs (hours; "
+                             "no better than default on DSB)")
     parser.add_argument("--epochs", type=int, help="epochs (default: the profile's)")
     parser.add_argument("--steps-per-epoch", type=int, help="training steps per epoch (default: 100)")
     parser.add_argument("--base-filters", type=int, help="filters of the first level (default: the profile's)")
