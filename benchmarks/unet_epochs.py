@@ -1,8 +1,8 @@
 """How many epochs the default U-Net needs: the default recipe trained for each length, scored on the DSB 2018
 validation split, and each longer training compared with the shortest by a paired bootstrap over the validation
-images. Run by hand, not by the tests (about 27 min per 20 epochs in float32 on 2 CPU cores):
+images. Run by hand, not by the tests (on 2 CPU cores 13 min per 20 epochs with bfloat16, longer in float32):
 
-    python benchmarks/unet_epochs.py                           # 20 and 40 epochs, seed 42, models in epochs_study/
+    python benchmarks/unet_epochs.py                           # 20 and 40 epochs, seed 42, in models/epochs_study/
     python benchmarks/unet_epochs.py --epochs 10 20 40 --out-dir /scratch/epochs
 
 Only the training and validation splits are read: the post-processing of each model is chosen on validation, as
@@ -54,7 +54,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, nargs="+", default=[20, 40], help="training lengths (default 20 40)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the split, crops and weights (default 42)")
-    parser.add_argument("--out-dir", type=Path, default=Path("epochs_study"), help="models and the record")
+    parser.add_argument("--out-dir", type=Path, default=Path("models/epochs_study"),
+                        help="models and the record (default models/epochs_study, beside the models git ignores)")
     args = parser.parse_args()
 
     from cellkit import datasets, metrics
