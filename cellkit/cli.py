@@ -213,11 +213,6 @@ def _skip_warner(failed: list[Path]) -> Callable[[Path, str], None]:
     return warn
 
 
-#: The validation accuracy whose training time ``cellkit train classifier`` reports (the default classifier's aim:
-#: within 2 minutes of training).
-VAL_ACCURACY_TARGET = 0.98
-
-
 def _train_classifier(args: argparse.Namespace) -> int:
     from cellkit import classifiers, config, saving
 
@@ -248,9 +243,10 @@ def _train_classifier(args: argparse.Namespace) -> int:
     print(f"trained in {summary['train_seconds']:.0f} s ({summary['epochs_run']} epochs, best {summary['best_epoch']}, "
           f"{summary['precision']}), peak memory {summary['peak_rss_mb']:.0f} MiB, "
           f"{summary['images_per_second']:.0f} images/s (test-time augmentation: {summary['tta']})")
-    reached = run.fit.seconds_to_reach(VAL_ACCURACY_TARGET)
-    print(f"validation accuracy {VAL_ACCURACY_TARGET}: " + (f"first reached after {reached:.0f} s of training"
-                                                           if reached is not None else "never reached"))
+    target = classifiers.CELLNET_VAL_ACCURACY_TARGET
+    reached = run.fit.seconds_to_reach(target)
+    print(f"validation accuracy {target}: "
+          + (f"first reached after {reached:.0f} s of training" if reached is not None else "never reached"))
     part, report = ("test", run.test_report) if run.test_report else ("validation", run.val_report)
     print(f"{part}: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, "
           f"AUC {report.get('auc_ovr') or float('nan'):.4f} on {report['n']} images")

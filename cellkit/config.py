@@ -35,7 +35,8 @@ PROJECT_ROOT = PACKAGE_DIR.parent
 DEFAULT_SEED = 42
 
 
-def _env_path(name: str) -> Path | None:
+def env_path(name: str) -> Path | None:
+    """The folder the environment variable ``name`` names (``~`` expanded, made absolute), or None when unset."""
     value = os.environ.get(name, "").strip()
     return Path(value).expanduser().resolve() if value else None
 
@@ -47,7 +48,7 @@ def is_checkout() -> bool:
 
 def project_data_dir() -> Path:
     """The project's own ``data/`` folder, where ``cellkit data fetch`` builds datasets by default."""
-    override = _env_path("CELLKIT_CACHE_DIR")
+    override = env_path("CELLKIT_CACHE_DIR")
     if override is not None:
         return override
     if is_checkout():
@@ -58,7 +59,7 @@ def project_data_dir() -> Path:
 def data_search_dirs() -> list[Path]:
     """Folders searched for a dataset, in order: ``$CELLKIT_DATA_DIR``, then the project's ``data/``."""
     dirs = []
-    env_dir = _env_path("CELLKIT_DATA_DIR")
+    env_dir = env_path("CELLKIT_DATA_DIR")
     if env_dir is not None:
         dirs.append(env_dir)
     dirs.append(project_data_dir())
@@ -76,7 +77,7 @@ CHECK_PROFILES = ("smoke",)
 def figures_dir(notebook: str | None = None, profile: str | None = None) -> Path:
     """Where figures go: ``figures/``, ``figures/<notebook>/`` (e.g. ``figures/01_eda``), or for a smoke run
     ``figures/smoke/<notebook>/``; ``default`` and ``full`` runs share ``figures/<notebook>/``."""
-    root = _env_path("CELLKIT_FIGURES_DIR") or PROJECT_ROOT / "figures"
+    root = env_path("CELLKIT_FIGURES_DIR") or PROJECT_ROOT / "figures"
     if profile in CHECK_PROFILES:
         root = root / profile
     return root / notebook if notebook else root

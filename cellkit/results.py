@@ -89,12 +89,38 @@ def write_record(metrics_json: str | Path, notebook: str | Path, profile: str, w
     """Write the record of one finished run of ``notebook`` (its ``.ipynb`` path) from the ``metrics.json`` it
     wrote, with the notebook's fingerprint and its wall and kernel CPU time (seconds); returns the record's path."""
     notebook = Path(notebook)
-    record = json.loads(Path(metrics_json).read_text())
+    record = without_machine_paths(json.loads(Path(metrics_json).read_text()))
     record["notebook_sha256"] = notebook_sha256(notebook)
     record["run"] = {"wall_time_s": round(wall_s, 1), "cpu_time_s": None if cpu_s is None else round(cpu_s, 1)}
     path = record_path(notebook.stem, profile)
     path.parent.mkdir(parents=True, exist_ok=True)
     return outputs.write_text(path, config.to_json(record) + "\n")
+
+
+def machine_folders() -> list[tuple[str, str]]:
+    """``(folder of this machine, the name a record gives it)``, most specific first: the data folder as
+    ``$CELLKIT_DATA_DIR``, the project as ``.``, the home folder as ``~``."""
+    data_dir = config.env_path("CELLKIT_DATA_DIR")
+    folders = [] if data_dir is None else [(str(data_dir), "$CELLKIT_DATA_DIR")]
+    folders += [(str(config.PROJECT_ROOT), "."), (str(Path.home()), "~")]
+    return sorted(folders, key=lambda folder: -len(folder[0]))
+
+
+def without_machine_paths(value: Any, folders: Sequence[tuple[str, str]] | None = None) -> Any:
+    """``value`` (a record's JSON) with every string's machine folders named as :func:`machine_folders` does, so
+    that a committed record reads the same on every machine (``/home/ann/data/pbc_blood_28`` becomes
+    ``$CELLKIT_DATA_DIR/pbc_blood_28``)."""
+    folders = machine_folders() if folders is None else folders
+    if isinstance(value, dict):
+        return {key: without_machine_paths(item, folders) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_machine_paths(item, folders) for item in value]
+    if isinstance(value, str):
+        for folder, name in folders:
+            value = value.replace(folder + os.sep, name + "/")
+            if value == folder:
+                value = name
+    return value
 
 
 def read_record(notebook: str, profile: str = TABLE_PROFILE) -> dict[str, Any] | None:

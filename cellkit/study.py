@@ -18,7 +18,7 @@ images.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -341,25 +341,40 @@ def claim_verdict(difference: metrics.Interval | None, sign: int) -> str:
 
 
 def claim_verdicts(predicted: dict[Cell, np.ndarray], y_true: np.ndarray, claims: Sequence[Claim] = REPORT000_CLAIMS,
-                   **options) -> list[dict[str, Any]]:
+                   unflattened: Collection[Cell] = (), **options) -> list[dict[str, Any]]:
     """One row per claim: ``report 000 said``, ``comparison``, ``here (points)`` (test accuracy of a minus b in
     percentage points, 2 decimals), ``95% interval (points)`` (its paired bootstrap interval over the same test
-    images, :func:`cellkit.metrics.accuracy_difference`) and ``verdict`` (:func:`claim_verdict`).
+    images, :func:`cellkit.metrics.accuracy_difference`), ``verdict`` (:func:`claim_verdict`) and ``why`` (empty,
+    or what kept the verdict at "not resolved at this budget" although the interval excludes 0).
 
     ``predicted`` maps cells to their predicted classes on the test images ``y_true`` (:func:`read_test_once`).
-    Rows are JSON-ready; None where a cell was not run. ``options`` go to the bootstrap (seed, resamples).
+    A claim on a cell in ``unflattened`` (:func:`unflattened_cells`: a run reached its epoch limit before its
+    validation loss flattened) is "not resolved at this budget" whatever its interval: that cell was compared
+    before it had finished learning. Rows are JSON-ready; None where a cell was not run. ``options`` go to the
+    bootstrap (seed, resamples).
     """
     rows = []
     for claim in claims:
         difference = None
         if claim.a in predicted and claim.b in predicted:
             difference = metrics.accuracy_difference(y_true, predicted[claim.a], predicted[claim.b], **options)
+        verdict, why = claim_verdict(difference, claim.sign), ""
+        early = [str(cell) for cell in dict.fromkeys((claim.a, claim.b)) if cell in unflattened]
+        if difference is not None and early:
+            why = f"{' and '.join(early)} reached the epoch limit before the validation loss flattened"
+            verdict = "not resolved at this budget"
         rows.append({"report 000 said": claim.said, "comparison": f"{claim.a} - {claim.b}",
                      "here (points)": None if difference is None else round(100 * difference.estimate, 2),
                      "95% interval (points)": None if difference is None else
                      [round(100 * difference.low, 2), round(100 * difference.high, 2)],
-                     "verdict": claim_verdict(difference, claim.sign)})
+                     "verdict": verdict, "why": why})
     return rows
+
+
+def unflattened_cells(runs: Sequence[CellRun]) -> list[Cell]:
+    """The cells of ``runs`` with a fold whose training reached its epoch limit instead of stopping because the
+    monitored validation loss had stopped falling (``stopped_early`` false)."""
+    return [run.cell for run in runs if not all(row["stopped_early"] for row in run.rows)]
 
 
 def cells_of(claims: Sequence[Claim]) -> list[Cell]:

@@ -252,11 +252,12 @@ class TimedFit:
 
 
 class _EpochClock(keras.callbacks.Callback):
-    """Wall seconds from its creation to the end of each epoch (validation included), in ``ends``."""
+    """Wall seconds from ``started`` (a ``time.perf_counter()`` reading) to the end of each epoch (validation
+    included), in ``ends``."""
 
-    def __init__(self) -> None:
+    def __init__(self, started: float) -> None:
         super().__init__()
-        self.started, self.ends = time.perf_counter(), []
+        self.started, self.ends = started, []
 
     def on_epoch_end(self, epoch, logs=None):
         self.ends.append(time.perf_counter() - self.started)
@@ -265,11 +266,10 @@ class _EpochClock(keras.callbacks.Callback):
 def timed_fit(model: Any, data: Any, **fit_args: Any) -> TimedFit:
     """``model.fit(data, verbose=0, **fit_args)``, timed (in all and at the end of each epoch) and with its memory
     sampled; a ``keras.utils.PyDataset`` is fitted one epoch at a time from arrays (:func:`fit_epoch_by_epoch`)."""
-    clock = _EpochClock()
-    fit_args["callbacks"] = [*fit_args.get("callbacks", ()), clock]
     with MemorySampler() as memory:
         started, cpu_started = time.perf_counter(), time.process_time()
-        clock.started = started
+        clock = _EpochClock(started)
+        fit_args["callbacks"] = [*fit_args.get("callbacks", ()), clock]
         if isinstance(data, keras.utils.PyDataset):
             history = fit_epoch_by_epoch(model, data, **fit_args)
         else:

@@ -49,6 +49,20 @@ def test_a_record_holds_the_run_the_notebook_and_the_code(workspace):
     assert results.record_problems(record, workspace) == []
 
 
+def test_a_record_names_no_folder_of_the_machine_that_ran_it(workspace, tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLKIT_DATA_DIR", str(tmp_path / "data"))
+    run = notebooks.NotebookRun(workspace.stem, profile="default")
+    run.datasets["pbc28:train"] = {"name": "pbc28", "synthetic": False, "path": str(tmp_path / "data" / "pbc"),
+                                   "n": 3}
+    homely = f"put the weights in {results.Path.home() / '.keras' / 'models'} or name them"
+    metrics = run.finish(metrics={"notes": [homely], "folder": str(tmp_path / "data")}, headline={"n": 3})
+    record = json.loads(results.write_record(metrics, workspace, "default", wall_s=1.0, cpu_s=1.0).read_text())
+    assert record["datasets"]["pbc28:train"]["path"] == "$CELLKIT_DATA_DIR/pbc"
+    assert record["metrics"] == {"notes": ["put the weights in ~/.keras/models or name them"],
+                                 "folder": "$CELLKIT_DATA_DIR"}
+    assert str(tmp_path) not in json.dumps(record)
+
+
 def test_the_notebook_fingerprint_ignores_outputs_and_sees_edits(tmp_path, workspace):
     before = results.notebook_sha256(workspace)
     notebook = nbformat.read(workspace, as_version=4)
@@ -111,7 +125,7 @@ def test_the_table_reads_committed_records_with_intervals_and_time(workspace):
     assert "| PBC-28 test accuracy, best CNN (chosen on validation) | 0.9876 [0.983, 0.9913] |" in table
     assert "| 03_handcrafted_features_random_forest | PBC-28 test accuracy, tuned random forest on hand-crafted " \
            "features | not recorded yet | - |" in table
-    assert "(momentum 0.9), normalised input (paired) | full profile only | - |" in table  # profile: full
+    assert "VGG16 from scratch with the fine-tuning's wall time | full profile only | - |" in table  # profile: full
 
 
 def test_the_times_table_gives_each_notebooks_recorded_wall_and_cpu_minutes(workspace):

@@ -157,3 +157,21 @@ def test_a_cell_trains_on_the_inner_split_and_its_fold_models_predict_later():
     assert len(run.weights) == 1 and row["epochs_run"] <= 2 and row["images_per_second"] is None
     predicted = study.read_test_once([run], pool)
     assert predicted[run.cell].shape == (24,) and set(predicted[run.cell]) <= {0, 1}
+
+
+def test_a_cell_that_had_not_flattened_leaves_its_claims_unresolved(planted):
+    y_true, predicted = planted
+    claim = study.Claim("normalisation helps", CNN, RAW, +1)
+    row = study.claim_verdicts(predicted, y_true, [claim], unflattened=[RAW])[0]
+    assert row["here (points)"] == 20.0 and row["95% interval (points)"][0] > 0  # the interval alone says "holds"
+    assert row["verdict"] == "not resolved at this budget"
+    assert row["why"] == "basic-cnn/raw reached the epoch limit before the validation loss flattened"
+    assert study.claim_verdicts(predicted, y_true, [claim])[0]["why"] == ""
+
+
+def test_unflattened_cells_are_those_with_a_fold_that_ran_out_of_epochs():
+    def run(cell, *stopped):
+        return study.CellRun(cell, [{"stopped_early": flag} for flag in stopped], [])
+
+    runs = [run(CNN, True, True), run(RAW, True, False), run(Cell("vit", "normalised"), False)]
+    assert study.unflattened_cells(runs) == [RAW, Cell("vit", "normalised")]
