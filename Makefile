@@ -20,10 +20,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## make run [PROFILE=smoke|default|full] [ONLY=01]: execute the notebooks, write figures/ and metrics.json
+# The default profile's whole run first trains the models notebook 07 reuses (make models), when the data are there.
+MODELS_FIRST := $(if $(and $(filter default,$(PROFILE)),$(if $(ONLY),,all)),models)
+
+## make run [PROFILE=smoke|default|full] [ONLY=01]: execute the notebooks, write figures/ and metrics.json; the
+## default profile's whole run trains models/ first (make models) unless they exist
 run: $(STAMP)
 	@$(BIN)/cellkit data check --fetch || echo "WARNING: the real datasets are missing and could not be fetched: \
 	the notebooks fall back to the simulated stand-in and say so in their records and figures" >&2
+	@if [ -n "$(MODELS_FIRST)" ]; then if $(BIN)/cellkit data check > /dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory models; else echo "WARNING: no real data: models/ is not trained and \
+	notebook 07 trains its own model" >&2; fi; fi
 	$(BIN)/cellkit run-notebooks --profile $(PROFILE) $(if $(ONLY),--only $(ONLY))
 	$(if $(filter default,$(PROFILE)),$(BIN)/cellkit report --write)
 

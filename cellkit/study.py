@@ -185,40 +185,91 @@ def cross_validate(cell: Cell, pool: ImageSet, folds: int = 4, config: FitConfig
     ``peak_rss_mb``, ``rss_increase_mb`` (memory the fit added to the process), ``params``, ``weights_mb``
     (float32 parameters), ``images_per_second`` and ``ms_per_image`` (inference, wall clock); and the weights.
     """
-    entry, source = classifiers.spec(cell.model), study_input(cell.input)
-    size = entry.input_size
-    base = config or FitConfig.for_model(cell.model)
-    config = replace(base, augment=source.augment, optimizer=cell.optimizer)
+    source, size = study_input(cell.input), classifiers.spec(cell.model).input_size
+    config = _cell_config(cell, config)
     x_pool = study_images(pool.images, cell.input, size, crop)
-    n_classes = len(pool.class_names)
     rows, weights = [], []
     for fold, (train_index, held_index) in enumerate(kfold_indices(pool.labels, folds, seed)[:fold_limit]):
         fit_index, val_index = inner_split(train_index, pool.labels, inner_fraction, seed + fold)
-        keras.utils.set_random_seed(seed + fold)
-        with runtime.dtype_policy(precision):
-            model = classifiers.build(cell.model, n_classes, size)
-            result = fit(model, x_pool[fit_index], pool.labels[fit_index], x_pool[val_index],
-                         pool.labels[val_index], config, source.preprocessing, seed + fold, progress,
-                         name=f"{cell}/fold{fold + 1}")
+        model, result = _train_cell(cell, config, x_pool[fit_index], pool.labels[fit_index], x_pool[val_index],
+                                    pool.labels[val_index], len(pool.class_names), precision, seed + fold,
+                                    progress, name=f"{cell}/fold{fold + 1}")
         report = _report(model, x_pool[held_index], pool.labels[held_index], pool.class_names, source.preprocessing)
         speed = (throughput(model, x_pool[held_index][:512], source.preprocessing, min_seconds=throughput_seconds)
                  if throughput_seconds > 0 else None)
         rows.append({
             "model": cell.model, "input": cell.input, "optimizer": cell.optimizer, "fold": fold + 1,
             "n_fit": len(fit_index), "n_inner_val": len(val_index), "n_held_out": len(held_index),
-            **_scores(report, "cv"), "monitor": config.monitor,
-            "history": result.history, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-            "stopped_early": result.stopped_early, "train_seconds": result.seconds,
-            "cpu_seconds": result.cpu_seconds, "seconds_per_epoch": result.seconds_per_epoch,
-            "ms_per_image_epoch": 1000 * result.seconds / max(result.epochs_run * len(fit_index), 1),
-            "peak_rss_mb": result.peak_rss_mb, "rss_increase_mb": result.rss_increase_mb,
-            "params": model.count_params(), "weights_mb": 4 * model.count_params() / 2**20,
-            "precision": result.precision, "images_per_second": speed,
-            "ms_per_image": 1000 / speed if speed else None,
+            **_scores(report, "cv"), **_fit_costs(model, result, len(fit_index)), "monitor": config.monitor,
+            "images_per_second": speed, "ms_per_image": 1000 / speed if speed else None,
         })
         weights.append([np.array(w) for w in model.get_weights()])
         keras.backend.clear_session()
     return CellRun(cell, rows, weights, crop)
+
+
+def train_final(cell: Cell, train: ImageSet, val: ImageSet, config: FitConfig | None = None,
+                precision: str = "auto", seed: int = DEFAULT_SEED, crop: int | None = PBC_CROP,
+                progress: str = "none") -> CellRun:
+    """The final model of a chosen ``cell``: one model trained with the cell's recipe (as in
+    :func:`cross_validate`) on all of ``train``, early stopping on ``val``. A study compares cells on a small pool;
+    once it has chosen one, its final model may learn from every training image, as a cross-validated search
+    refits its winner. No test image is read here; score it with :func:`read_test_once`.
+
+    Returns a :class:`CellRun` with one row (sizes, ``history``, ``epochs_run``, ``best_epoch``, training time and
+    memory as in :func:`cross_validate`, no held-out scores) and the model's weights.
+    """
+    size = classifiers.spec(cell.model).input_size
+    config = _cell_config(cell, config)
+    x_train, x_val = (study_images(part.images, cell.input, size, crop) for part in (train, val))
+    model, result = _train_cell(cell, config, x_train, train.labels, x_val, val.labels, len(train.class_names),
+                                precision, seed, progress, name=f"{cell}/final")
+    row = {"model": cell.model, "input": cell.input, "optimizer": cell.optimizer, "n_fit": len(train),
+           "n_val": len(val), **_fit_costs(model, result, len(train)), "monitor": config.monitor}
+    weights = [np.array(w) for w in model.get_weights()]
+    keras.backend.clear_session()
+    return CellRun(cell, [row], [weights], crop)
+
+
+def budget_config(cell: Cell, config: FitConfig, epoch_caps: dict[str, int] | None = None,
+                  sgd_learning_rate: float | None = None) -> FitConfig:
+    """The study's ``config`` for ``cell``: at most ``epoch_caps[cell.model]`` epochs when the model has a cap (a
+    profile's budget), and ``sgd_learning_rate`` for a cell trained with SGD (Adam keeps the config's rate)."""
+    cap = (epoch_caps or {}).get(cell.model, config.epochs)
+    config = replace(config, epochs=min(config.epochs, cap))
+    if cell.optimizer == "sgd" and sgd_learning_rate is not None:
+        config = replace(config, learning_rate=sgd_learning_rate)
+    return config
+
+
+def _cell_config(cell: Cell, config: FitConfig | None) -> FitConfig:
+    """``config`` (default: the model's recipe) with the cell's optimizer and its input's augmentation."""
+    base = config or FitConfig.for_model(cell.model)
+    return replace(base, augment=study_input(cell.input).augment, optimizer=cell.optimizer)
+
+
+def _train_cell(cell: Cell, config: FitConfig, x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray,
+                y_val: np.ndarray, n_classes: int, precision: str, seed: int, progress: str, name: str) -> tuple:
+    """A fresh model of ``cell`` trained on transformed images; returns the model (best epoch's weights) and the
+    :class:`cellkit.training.FitResult`."""
+    keras.utils.set_random_seed(seed)
+    with runtime.dtype_policy(precision):
+        model = classifiers.build(cell.model, n_classes, classifiers.spec(cell.model).input_size)
+        result = fit(model, x_fit, y_fit, x_val, y_val, config, study_input(cell.input).preprocessing, seed,
+                     progress, name=name)
+    return model, result
+
+
+def _fit_costs(model: Any, result: Any, n_fit: int) -> dict[str, Any]:
+    """What one training run of :func:`_train_cell` measured: its curves, epochs, time and memory, and the model's
+    size (``ms_per_image_epoch``: training wall time per image and epoch)."""
+    return {"history": result.history, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early, "train_seconds": result.seconds,
+            "cpu_seconds": result.cpu_seconds, "seconds_per_epoch": result.seconds_per_epoch,
+            "ms_per_image_epoch": 1000 * result.seconds / max(result.epochs_run * n_fit, 1),
+            "peak_rss_mb": result.peak_rss_mb, "rss_increase_mb": result.rss_increase_mb,
+            "params": model.count_params(), "weights_mb": 4 * model.count_params() / 2**20,
+            "precision": result.precision}
 
 
 def _report(model: Any, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],

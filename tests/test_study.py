@@ -159,6 +159,31 @@ def test_a_cell_trains_on_the_inner_split_and_its_fold_models_predict_later():
     assert predicted[run.cell].shape == (24,) and set(predicted[run.cell]) <= {0, 1}
 
 
+def test_the_final_model_of_a_cell_learns_from_every_training_image():
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(2), 20)
+    images = rng.integers(0, 60, (40, 8, 8, 3)).astype(np.uint8)
+    images[labels == 1] += 120  # bright class 1: learnable in a few epochs
+    train = datasets.ImageSet(images[::2][:20].copy(), labels[::2][:20].copy(), ["dark", "bright"])
+    val = datasets.ImageSet(images[1::2].copy(), labels[1::2].copy(), ["dark", "bright"])
+    config = training.FitConfig(epochs=8, batch_size=4, patience=8, monitor="val_loss")
+    final = study.train_final(Cell("basic-cnn", "raw"), train, val, config, precision="float32", seed=0, crop=None)
+    (row,) = final.rows
+    assert (row["n_fit"], row["n_val"], row["epochs_run"], len(final.weights)) == (20, 20, 8, 1)
+    assert len(row["history"]["val_loss"]) == 8 and "cv_accuracy" not in row
+    predicted = study.read_test_once([final], val)[final.cell]
+    assert np.mean(predicted == val.labels) >= 0.9  # the classes differ by 120 grey levels
+
+
+def test_budget_config_caps_a_models_epochs_and_sets_sgds_rate():
+    config = training.FitConfig(epochs=60, batch_size=64, patience=5, monitor="val_loss")
+    resnet50 = study.budget_config(Cell("resnet50", "normalised"), config, {"resnet50": 2}, 0.01)
+    sgd = study.budget_config(Cell("basic-cnn", "normalised", "sgd"), config, {"resnet50": 2}, 0.01)
+    assert (resnet50.epochs, resnet50.learning_rate) == (2, config.learning_rate)
+    assert (sgd.epochs, sgd.learning_rate) == (60, 0.01)
+    assert study.budget_config(CNN, config) == config
+
+
 def test_a_cell_that_had_not_flattened_leaves_its_claims_unresolved(planted):
     y_true, predicted = planted
     claim = study.Claim("normalisation helps", CNN, RAW, +1)
