@@ -164,7 +164,7 @@ def test_the_final_model_of_a_cell_learns_from_every_training_image():
     labels = np.repeat(np.arange(2), 20)
     images = rng.integers(0, 60, (40, 8, 8, 3)).astype(np.uint8)
     images[labels == 1] += 120  # bright class 1: learnable in a few epochs
-    train = datasets.ImageSet(images[::2][:20].copy(), labels[::2][:20].copy(), ["dark", "bright"])
+    train = datasets.ImageSet(images[::2].copy(), labels[::2].copy(), ["dark", "bright"])
     val = datasets.ImageSet(images[1::2].copy(), labels[1::2].copy(), ["dark", "bright"])
     config = training.FitConfig(epochs=8, batch_size=4, patience=8, monitor="val_loss")
     final = study.train_final(Cell("basic-cnn", "raw"), train, val, config, precision="float32", seed=0, crop=None)
